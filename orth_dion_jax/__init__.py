@@ -1,0 +1,42 @@
+"""Orth-Dion and Dion for JAX and Optax.
+
+Orth-Dion (arXiv:2605.16341) is Dion (arXiv:2504.05295) with the right factor
+orthonormalized by a sign-safe QR, so that every update is an exact rank-r
+partial isometry. Public API:
+
+* optimizers: ``orth_dion``, ``dion``;
+* transformations: ``scale_by_orth_dion``, ``scale_by_error_feedback``,
+  ``scale_by_low_rank_orthogonalization`` with ``LowRankCompressor``;
+* weights as matrices: ``DionDimensionNumbers``;
+* diagnostics: ``diagnostics_summary``, ``matrix_diagnostics``.
+"""
+
+from orth_dion_jax.alias import ADAM
+from orth_dion_jax.alias import LOW_RANK
+from orth_dion_jax.alias import default_param_labels
+from orth_dion_jax.alias import dion
+from orth_dion_jax.alias import orth_dion
+from orth_dion_jax.diagnostics import MatrixDiagnostics
+from orth_dion_jax.diagnostics import diagnostics_summary
+from orth_dion_jax.diagnostics import matrix_diagnostics
+from orth_dion_jax.low_rank import Collectives
+from orth_dion_jax.matrix_view import DionDimensionNumbers
+from orth_dion_jax.orthogonalize import orthonormalize
+from orth_dion_jax.transform import LowRankCompressor
+from orth_dion_jax.transform import LowRankState
+from orth_dion_jax.transform import OrthDionState
+from orth_dion_jax.transform import scale_by_error_feedback
+from orth_dion_jax.transform import scale_by_low_rank_orthogonalization
+from orth_dion_jax.transform import scale_by_orth_dion
+from orth_dion_jax.validation import STATIC_ARGS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAM", "LOW_RANK", "Collectives", "DionDimensionNumbers",
+    "LowRankCompressor", "LowRankState", "MatrixDiagnostics", "OrthDionState",
+    "STATIC_ARGS", "default_param_labels", "diagnostics_summary", "dion",
+    "matrix_diagnostics", "orth_dion", "orthonormalize",
+    "scale_by_error_feedback", "scale_by_low_rank_orthogonalization",
+    "scale_by_orth_dion",
+]

@@ -1,0 +1,237 @@
+"""The optimizers users call: ``orth_dion`` and ``dion``.
+
+Each is ``optax.partition`` of two chains (ALGORITHM.md section 8):
+
+* hidden weight matrices: the low-rank step with error feedback, then
+  decoupled weight decay and the learning rate,
+  ``X <- (1 - lr wd) X - lr s P Q^T``;
+* every other leaf (embeddings, LM head, biases, norm scales): AdamW with its
+  own learning rate, skipped for a step whose gradient is not finite.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import optax
+
+from orth_dion_jax import matrix_view
+from orth_dion_jax import transform
+from orth_dion_jax import validation
+
+LOW_RANK = "low_rank"
+ADAM = "adam"
+
+# A path component that names an embedding table or the output head keeps its
+# 2-D leaf on AdamW by default: these are lookups, not linear maps between
+# hidden spaces, and the reference treats them so.
+_ADAM_BY_NAME = re.compile(
+    r"(embed|^wte$|^wpe$|^(lm_|output_)?head$|^unembed|^logits$|^vocab)",
+    re.IGNORECASE)
+
+# apply_if_finite lets an update through after this many consecutive
+# non-finite steps; we never want that for the AdamW leaves.
+_NEVER = 2**31 - 1
+
+
+def _path_names(path) -> list[str]:
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return names
+
+
+def default_param_labels(params: Any) -> Any:
+  """``"low_rank"`` for 2-D leaves not named like an embedding or a head.
+
+  Everything else (vectors, N-D arrays, ``embed``/``wte``/``lm_head``/``head``
+  tables) is ``"adam"``. Pass ``weight_dimension_numbers`` or
+  ``param_labels`` to ``orth_dion`` to decide otherwise.
+  """
+  def label(path, x):
+    by_name = any(_ADAM_BY_NAME.search(n) for n in _path_names(path))
+    return LOW_RANK if jax.numpy.ndim(x) == 2 and not by_name else ADAM
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _labels_fn(weight_dimension_numbers, param_labels) -> Callable:
+  if param_labels is not None:
+    return param_labels if callable(param_labels) else (lambda _: param_labels)
+  if weight_dimension_numbers is None:
+    return default_param_labels
+
+  def from_dimension_numbers(params):
+    dims = (weight_dimension_numbers(params)
+            if callable(weight_dimension_numbers) else weight_dimension_numbers)
+    return jax.tree.map(
+        lambda d, sub: jax.tree.map(
+            lambda _: ADAM if d is None else LOW_RANK, sub),
+        dims, params, is_leaf=matrix_view.is_dimension_numbers_leaf)
+  return from_dimension_numbers
+
+
+def _orth_dion_family(
+    learning_rate, *, rank_fraction, rank, rank_multiple_of, mu,
+    weight_decay, eps, right_factor, orthogonalize, power_iters, scale, seed,
+    momentum_dtype, weight_dimension_numbers, param_labels,
+    adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay,
+) -> optax.GradientTransformation:
+  validation.check_nonnegative("weight_decay", weight_decay)
+  validation.check_nonnegative("adam_weight_decay", adam_weight_decay)
+  for name, value in (("adam_b1", adam_b1), ("adam_b2", adam_b2)):
+    validation.check_unit_interval(name, value, closed_right=False)
+  low_rank_chain = optax.chain(
+      transform.scale_by_orth_dion(
+          rank_fraction=rank_fraction, rank=rank,
+          rank_multiple_of=rank_multiple_of, mu=mu, eps=eps,
+          right_factor=right_factor, orthogonalize=orthogonalize,
+          power_iters=power_iters, scale=scale, seed=seed,
+          momentum_dtype=momentum_dtype,
+          weight_dimension_numbers=weight_dimension_numbers),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+  adam_chain = optax.apply_if_finite(
+      optax.adamw(
+          learning_rate=(learning_rate if adam_learning_rate is None
+                         else adam_learning_rate),
+          b1=adam_b1, b2=adam_b2, eps=adam_eps,
+          weight_decay=adam_weight_decay),
+      max_consecutive_errors=_NEVER)
+  return optax.partition(
+      {LOW_RANK: low_rank_chain, ADAM: adam_chain},
+      _labels_fn(weight_dimension_numbers, param_labels))
+
+
+def orth_dion(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank_fraction: float = 0.25,
+    rank: int | None = None,
+    rank_multiple_of: int = 1,
+    mu: optax.ScalarOrSchedule = 0.95,
+    weight_decay: optax.ScalarOrSchedule = 0.01,
+    eps: optax.ScalarOrSchedule = 1e-8,
+    right_factor: str = "qr",
+    orthogonalize: str = "cholesky_qr",
+    power_iters: int = 1,
+    scale: matrix_view.Scale = "spectral",
+    seed: int = 0,
+    momentum_dtype=None,
+    weight_dimension_numbers: Any = None,
+    param_labels: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.95,
+    adam_b2: float = 0.98,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: optax.ScalarOrSchedule = 0.0,
+) -> optax.GradientTransformation:
+  r"""Orth-Dion: low-rank orthonormalized updates for matrices, AdamW elsewhere.
+
+  For each hidden weight matrix ``X`` with gradient ``G`` (ALGORITHM.md)::
+
+    B = M + G;  P = orth(B Q);  R = B^T P;  M = B - (1 - mu) P R^T
+    Q = qr_+(R);  X = (1 - lr wd) X - lr s P Q^T
+
+  ``P Q^T`` is an exact rank-r partial isometry (its r singular values are
+  1), the steepest-descent direction of the rank-r spectral geometry.
+  Dion's column-normalized ``Q`` (``dion``) leaves that unit ball: its
+  spectral norm can reach sqrt(r).
+
+  Routing: leaves labelled ``"low_rank"`` get Orth-Dion, ``"adam"`` AdamW. By
+  default 2-D leaves are low-rank except those whose path names an embedding
+  or a head (``default_param_labels``); ``weight_dimension_numbers`` (a tree
+  or callable with ``DionDimensionNumbers`` for low-rank leaves and ``None``
+  for AdamW ones) or ``param_labels`` override it.
+
+  Non-finite gradients: a low-rank matrix whose gradient has a NaN/Inf skips
+  its low-rank step (zero update, state unchanged, counted in the state's
+  ``nonfinite_count``; decoupled weight decay still applies), and the AdamW
+  leaves skip the whole step (counted by ``optax.apply_if_finite``).
+
+  Args:
+    learning_rate: learning rate of the low-rank step (float or schedule).
+    rank_fraction: r = ceil(rank_fraction * min(fan_in, fan_out)).
+    rank: explicit rank (overrides ``rank_fraction``; clipped per matrix).
+    rank_multiple_of: round r up to a multiple of this.
+    mu: error-feedback decay of the captured part (float or schedule).
+    weight_decay: decoupled weight decay of the low-rank matrices.
+    eps: Dion's column-normalization epsilon.
+    right_factor: ``"qr"`` (Orth-Dion) or ``"column"`` (Dion).
+    orthogonalize: ``"cholesky_qr"``, ``"householder"`` or
+      ``"randomized_cholesky_qr"``.
+    power_iters: power iterations per step.
+    scale: ``"spectral"`` (sqrt(fan_out/fan_in)), ``"rms"``
+      (0.2 sqrt(max(fan_in, fan_out))), a float, or None.
+    seed: seed of the initial right factors (identical on all replicas).
+    momentum_dtype: dtype of the low-rank momentum, e.g. ``jnp.bfloat16``.
+    weight_dimension_numbers: tree or callable of ``DionDimensionNumbers`` /
+      ``None`` for N-D weights and routing.
+    param_labels: tree or callable of ``"low_rank"`` / ``"adam"`` labels.
+    adam_learning_rate: AdamW's learning rate (default: ``learning_rate``).
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps: AdamW's epsilon.
+    adam_weight_decay: AdamW's decoupled weight decay.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from orth_dion_jax import orth_dion
+    >>> params = {"w": jnp.ones((16, 8)), "b": jnp.zeros(8)}
+    >>> tx = orth_dion(learning_rate=0.01, rank_fraction=0.5)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Nakamori et al., Orth-Dion: Eliminating Geometric Mismatch in Distributed
+    Low-Rank Spectral Optimization, https://arxiv.org/abs/2605.16341
+    Ahn et al., Dion: Distributed Orthonormalized Updates,
+    https://arxiv.org/abs/2504.05295
+  """
+  return _orth_dion_family(**locals())
+
+
+def dion(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank_fraction: float = 0.25,
+    rank: int | None = None,
+    rank_multiple_of: int = 1,
+    mu: optax.ScalarOrSchedule = 0.95,
+    weight_decay: optax.ScalarOrSchedule = 0.01,
+    eps: optax.ScalarOrSchedule = 1e-8,
+    right_factor: str = "column",
+    orthogonalize: str = "cholesky_qr",
+    power_iters: int = 1,
+    scale: matrix_view.Scale = "spectral",
+    seed: int = 0,
+    momentum_dtype=None,
+    weight_dimension_numbers: Any = None,
+    param_labels: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.95,
+    adam_b2: float = 0.98,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: optax.ScalarOrSchedule = 0.0,
+) -> optax.GradientTransformation:
+  r"""Dion: ``orth_dion`` with the column-normalized right factor.
+
+  ``Q = R / (||R||_col + eps)`` instead of ``qr_+(R)``; the update ``P Q^T``
+  then has spectral norm in [1, sqrt(r)]. The baseline Orth-Dion fixes; all
+  arguments as in ``orth_dion``.
+
+  References:
+    Ahn et al., Dion: Distributed Orthonormalized Updates,
+    https://arxiv.org/abs/2504.05295
+  """
+  return _orth_dion_family(**locals())

@@ -1,0 +1,80 @@
+"""Diagnostics of the low-rank steps, cheap enough for a jitted train step.
+
+The paper's dual-norm measure is ``nu = ||P Q^T||_op``. ``P`` has orthonormal
+columns, so ``nu = ||Q||_op``: it is read off the right factor in the state,
+with no extra work in the optimizer step. Orth-Dion gives nu = 1 (Q is
+orthonormal), Dion nu in [1, sqrt(r)] (its columns only have unit norm).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from orth_dion_jax.transform import LowRankState, OrthDionState
+
+Array = jax.Array
+
+
+class MatrixDiagnostics(NamedTuple):
+  """Per weight leaf; each array has the leaf's batch shape."""
+  nu: Array                 # ||P Q^T||_op of the last step
+  rank: int                 # r in use
+  captured_fraction: Array  # ||P R^T||_F^2 / ||B||_F^2 of the last step
+  nonfinite_count: Array    # steps skipped for a non-finite gradient
+
+
+def _array(x: Any) -> Array:
+  # nnx.Optimizer wraps state leaves in Variables; look through them.
+  return x.value if hasattr(x, "value") and not isinstance(x, jax.Array) else x
+
+
+def _is_state(x: Any) -> bool:
+  return isinstance(x, (OrthDionState, LowRankState))
+
+
+def spectral_norm(q: Array) -> Array:
+  """Largest singular value of each (k, r) matrix, via the r x r Gram."""
+  q = q.astype(jnp.float32)
+  gram = jnp.einsum("...kr,...ks->...rs", q, q)
+  return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[..., -1], 0.0))
+
+
+def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
+  """Diagnostics of every low-rank matrix in an optimizer state, by path."""
+  out = {}
+  for state in jax.tree.leaves(opt_state, is_leaf=_is_state):
+    if not _is_state(state):
+      continue
+    flat = jax.tree_util.tree_leaves_with_path(state.right_factor)
+    captured = jax.tree.leaves(state.captured_fraction)
+    skipped = jax.tree.leaves(state.nonfinite_count)
+    for (path, q), c, s in zip(flat, captured, skipped):
+      q = _array(q)
+      out[jax.tree_util.keystr(path)] = MatrixDiagnostics(
+          nu=spectral_norm(q), rank=q.shape[-1],
+          captured_fraction=_array(c), nonfinite_count=_array(s))
+  return out
+
+
+def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
+  """Scalars over all low-rank matrices: nu mean/max, captured mean, skips.
+
+  Keys: ``nu_mean``, ``nu_max``, ``captured_fraction_mean``,
+  ``nonfinite_skips`` (total matrix-steps skipped). Empty dict if the state
+  has no low-rank matrices.
+  """
+  per_matrix = matrix_diagnostics(opt_state)
+  if not per_matrix:
+    return {}
+  cat = lambda field: jnp.concatenate(
+      [jnp.ravel(getattr(d, field)) for d in per_matrix.values()])
+  nu = cat("nu")
+  return {
+      "nu_mean": jnp.mean(nu),
+      "nu_max": jnp.max(nu),
+      "captured_fraction_mean": jnp.mean(cat("captured_fraction")),
+      "nonfinite_skips": jnp.sum(cat("nonfinite_count")),
+  }

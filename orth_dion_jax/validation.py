@@ -1,0 +1,96 @@
+"""Eager checks of hyperparameters, each error naming the argument.
+
+Values may be Python numbers, concrete arrays (``optax.inject_hyperparams``
+passes numeric hyperparameters as arrays) or schedules; traced values and
+schedules cannot be checked before they run and are let through.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+# Arguments that set shapes or seeds: under optax.inject_hyperparams they must
+# stay Python values, e.g.
+# ``optax.inject_hyperparams(orth_dion, static_args=STATIC_ARGS)``.
+STATIC_ARGS = (
+    "rank_fraction", "rank", "rank_multiple_of", "power_iters", "seed",
+    "right_factor", "orthogonalize", "scale", "momentum_dtype",
+    "weight_dimension_numbers", "param_labels",
+)
+
+_STATIC_HINT = ("; under optax.inject_hyperparams pass "
+                "static_args=orth_dion_jax.STATIC_ARGS")
+
+
+def _concrete(value: Any) -> float | None:
+  """The value as a float, or None for schedules and traced arrays."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(np.asarray(value))
+  except (TypeError, ValueError):
+    return None
+
+
+def check_static_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be a Python int, got "
+                    f"{type(value).__name__} {value!r}{_STATIC_HINT}.")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  check_static_int(name, value)
+  if value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value}.")
+
+
+def check_rank_arguments(rank: Any, rank_fraction: Any,
+                         rank_multiple_of: Any) -> None:
+  if rank is not None:
+    check_positive_int("rank", rank)
+  if isinstance(rank_fraction, bool) or not isinstance(rank_fraction,
+                                                       numbers.Real):
+    raise TypeError("rank_fraction must be a Python float, got "
+                    f"{type(rank_fraction).__name__}{_STATIC_HINT}.")
+  if not 0 < rank_fraction <= 1:
+    raise ValueError(f"rank_fraction must be in (0, 1], got {rank_fraction}.")
+  check_positive_int("rank_multiple_of", rank_multiple_of)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got "
+                     f"{value!r}.")
+
+
+def check_unit_interval(name: str, value: Any, *, closed_right: bool) -> None:
+  """value in [0, 1] (closed_right) or [0, 1)."""
+  v = _concrete(value)
+  if v is None:
+    return
+  ok = 0 <= v <= 1 if closed_right else 0 <= v < 1
+  if not ok:
+    interval = "[0, 1]" if closed_right else "[0, 1)"
+    raise ValueError(f"{name} must be in {interval}, got {v}.")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  v = _concrete(value)
+  if v is not None and not v >= 0:
+    raise ValueError(f"{name} must be >= 0, got {v}.")
+
+
+def check_scale(scale: Any) -> None:
+  if scale is None or scale in ("spectral", "rms"):
+    return
+  if isinstance(scale, str):
+    raise ValueError("scale must be 'spectral', 'rms', a positive float or "
+                     f"None, got {scale!r}.")
+  v = _concrete(scale)
+  if v is None or not v > 0:
+    raise ValueError(f"scale must be 'spectral', 'rms', a positive float or "
+                     f"None, got {scale!r}.")
