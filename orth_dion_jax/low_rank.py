@@ -27,10 +27,11 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from orth_dion_jax import orthogonalize as orth
 
@@ -102,53 +103,98 @@ class LowRankConfig:
   power_iters: int = 1
 
 
-def power_iteration(
-    b: Array,
-    q: Array,
+class MatrixTask(NamedTuple):
+  """One weight leaf's input to the power iteration."""
+  buffer: Array                     # B, layout view (n, fan_in, fan_out)
+  right_factor: Array               # previous Q, (n, small, r)
+  small_axis: Literal["in", "out"]  # layout axis that Q lives on
+  collectives: Collectives = SINGLE_DEVICE
+
+
+def _grouped_orthonormalize(
+    arrays: Sequence[Array],
+    collectives: Sequence[Collectives],
     *,
-    small_axis: Literal["in", "out"],
+    on_big_side: bool,
+    method: str,
+    right_factor: str | None,
+    eps,
+    key: Array,
+) -> list[Array]:
+  """Orthonormalizes (or column-normalizes) a list of (n, k, r) factors.
+
+  Factors of the same (k, r) and the same collectives are stacked and done as
+  one batched computation: one Cholesky / QR call for all the same-shaped
+  matrices of a model instead of a small kernel each. The stack copies only
+  (k, r) factors, never a weight-sized array.
+  """
+  groups: dict[tuple, list[int]] = {}
+  for i, (a, c) in enumerate(zip(arrays, collectives)):
+    groups.setdefault((a.shape[1:], c), []).append(i)
+  out: list[Array | None] = [None] * len(arrays)
+  for g, ((_, c), members) in enumerate(groups.items()):
+    stacked = jnp.concatenate([arrays[i] for i in members], axis=0)
+    sum_rows, max_rows = ((c.sum_big, c.max_big) if on_big_side
+                          else (c.sum_small, c.max_small))
+    if right_factor == "column":
+      result = orth.normalize_columns(stacked, eps, sum_rows=sum_rows,
+                                      max_rows=max_rows)
+    else:
+      result = orth.orthonormalize(
+          stacked, method, key=jax.random.fold_in(key, g), sum_rows=sum_rows,
+          max_rows=max_rows)
+    offsets = np.cumsum([arrays[i].shape[0] for i in members])[:-1]
+    for i, part in zip(members, jnp.split(result, offsets, axis=0)):
+      out[i] = part
+  return out
+
+
+def power_iteration(
+    tasks: Sequence[MatrixTask],
+    *,
     config: LowRankConfig,
     eps: float | Array,
     key: Array,
-    collectives: Collectives = SINGLE_DEVICE,
-) -> LowRankFactors:
-  """Warm-started power iteration(s) on the buffer ``b``.
+) -> list[LowRankFactors]:
+  """Warm-started power iteration(s) on every matrix of a model at once.
+
+  The products with ``B`` are per leaf (they contract ``B`` in place); the
+  orthonormalizations are batched over same-shaped factors.
 
   Args:
-    b: buffer ``B`` in layout view ``(n, fan_in, fan_out)``, any float dtype.
-    q: previous right factor ``(n, small, r)``.
-    small_axis: layout axis that ``q`` lives on.
+    tasks: one ``MatrixTask`` per weight leaf.
     config: right-factor kind, orthogonalization method, power iterations.
     eps: Dion's column-normalization epsilon.
     key: PRNG key for randomized sketches, identical on all replicas.
-    collectives: where partial sums are completed (see ``Collectives``).
 
   Returns:
-    ``LowRankFactors(P, R, Q')``. An all-zero ``b`` gives ``P = 0``, ``R = 0``
-    and keeps ``Q' = q`` (ALGORITHM.md section 5).
+    ``LowRankFactors(P, R, Q')`` per task. An all-zero buffer gives ``P = 0``,
+    ``R = 0`` and keeps ``Q' = q`` (ALGORITHM.md section 5).
   """
-  c = collectives
-  big_axis = _other(small_axis)
-  q_new = q.astype(jnp.float32)
+  colls = [t.collectives for t in tasks]
+  qs = [t.right_factor.astype(jnp.float32) for t in tasks]
   for it in range(config.power_iters):
-    y = c.mean_replicas(c.sum_small(_contract(b, q_new, small_axis)))
-    p = orth.orthonormalize(
-        y, config.orthogonalize, key=jax.random.fold_in(key, 2 * it),
-        sum_rows=c.sum_big, max_rows=c.max_big)
-    r = c.mean_replicas(c.sum_big(_contract(b, p, big_axis)))
-    if config.right_factor == "qr":
-      q_new = orth.orthonormalize(
-          r, config.orthogonalize, key=jax.random.fold_in(key, 2 * it + 1),
-          sum_rows=c.sum_small, max_rows=c.max_small)
-    else:
-      q_new = orth.normalize_columns(
-          r, eps, sum_rows=c.sum_small, max_rows=c.max_small)
-  # A zero buffer has no direction to follow: step nowhere, keep the warm start.
-  zero = _all_zero(y, c.max_big)
-  p = jnp.where(zero, 0.0, p)
-  r = jnp.where(zero, 0.0, r)
-  q_new = jnp.where(zero, q.astype(jnp.float32), q_new)
-  return LowRankFactors(left=p, projected=r, right=q_new)
+    ys = [c.mean_replicas(c.sum_small(_contract(t.buffer, q, t.small_axis)))
+          for t, q, c in zip(tasks, qs, colls)]
+    ps = _grouped_orthonormalize(
+        ys, colls, on_big_side=True, method=config.orthogonalize,
+        right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it))
+    rs = [c.mean_replicas(c.sum_big(_contract(
+        t.buffer, p, _other(t.small_axis)))) for t, p, c in zip(tasks, ps, colls)]
+    qs = _grouped_orthonormalize(
+        rs, colls, on_big_side=False, method=config.orthogonalize,
+        right_factor=config.right_factor, eps=eps,
+        key=jax.random.fold_in(key, 2 * it + 1))
+  results = []
+  for t, y, p, r, q, c in zip(tasks, ys, ps, rs, qs, colls):
+    # A zero buffer has no direction to follow: step nowhere, keep the warm
+    # start (else P would be an arbitrary basis).
+    zero = _all_zero(y, c.max_big)
+    results.append(LowRankFactors(
+        left=jnp.where(zero, 0.0, p),
+        projected=jnp.where(zero, 0.0, r),
+        right=jnp.where(zero, t.right_factor.astype(jnp.float32), q)))
+  return results
 
 
 def _all_zero(y: Array, max_big: Callable[[Array], Array]) -> Array:
@@ -173,7 +219,10 @@ def error_feedback(
   ``M' = residual_decay * (B - P R^T) + captured_decay * P R^T``.
   The reference mu-form is ``(1, mu)``: ``M' = B - (1 - mu) P R^T``; the
   paper's analysed beta-form is ``(beta, 0)``: ``E' = beta (B - P P^T B)``.
-  Returned in ``b``'s dtype and layout view.
+  The decays may be per-matrix arrays broadcastable to ``(n, 1, 1)``.
+  Returned in ``b``'s dtype and layout view; written as ``a B - (a - c) P R^T``
+  so that ``B``'s buffer can be updated in place and ``P R^T`` is the only
+  weight-sized temporary.
   """
   captured = outer(factors.left, factors.projected, small_axis, jnp.float32)
   new = residual_decay * b.astype(jnp.float32) - (

@@ -170,6 +170,27 @@ def _resolve(value: ScalarOrSchedule, count: Array):
   return value(count) if callable(value) else value
 
 
+class _Prepared(NamedTuple):
+  """A leaf in layout view, ready for the power iteration."""
+  spec: matrix_view.MatrixSpec
+  buffer: Array    # B = M + G (or G without momentum), (n, fan_in, fan_out)
+  finite: Array    # (n,) bool: the matrix's gradient is all finite
+
+
+def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
+             momentum: Array | None) -> _Prepared:
+  g = spec.to_layout(grad)
+  # One bad entry poisons the whole power iteration of its matrix: that matrix
+  # sees a zero gradient and is frozen below, instead of letting NaN reach the
+  # momentum or the weights.
+  finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+  g = jnp.where(finite[:, None, None], g, 0)
+  if momentum is None:
+    return _Prepared(spec, g, finite)
+  m = spec.to_layout(momentum)
+  return _Prepared(spec, m + g.astype(m.dtype), finite)
+
+
 class _MatrixStep(NamedTuple):
   update: Array
   momentum: Array | None
@@ -178,48 +199,35 @@ class _MatrixStep(NamedTuple):
   nonfinite_count: Array
 
 
-def _matrix_step(
-    compressor: LowRankCompressor,
-    spec: matrix_view.MatrixSpec,
-    grad: Array,
-    momentum: Array | None,
-    right_factor: Array,
+def _finish(
+    prepared: _Prepared,
+    factors: low_rank.LowRankFactors,
+    old_right_factor: Array,
     nonfinite_count: Array,
     *,
-    key: Array,
-    eps: Array,
     decays: tuple[Array, Array] | None,
+    grad_dtype,
     collectives: Collectives,
 ) -> _MatrixStep:
-  """Dion / Orth-Dion for one weight leaf (a batch of matrices)."""
-  g = spec.to_layout(grad)
-  n = g.shape[0]
-  # One bad entry poisons the whole power iteration of its matrix: skip that
-  # matrix this step instead of letting NaN reach the momentum or the weights.
-  finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
-  g = jnp.where(finite[:, None, None], g, 0)
-  if momentum is None:
-    b = g
-  else:
-    m = spec.to_layout(momentum)
-    b = m + g.astype(m.dtype)
-  q = right_factor.reshape(n, spec.small, spec.rank)
-  factors = low_rank.power_iteration(
-      b, q, small_axis=spec.small_axis, config=compressor.step_config,
-      eps=eps, key=key, collectives=collectives)
+  """Update, error feedback and new state of one leaf from its factors."""
+  spec, b, finite = prepared
   keep = finite[:, None, None]
-  direction = low_rank.outer(factors.left, factors.right, spec.small_axis,
-                             grad.dtype)
-  update = jnp.where(keep, spec.scale * direction, 0).astype(grad.dtype)
+  # Masks go on the (n, k, r) factors and per-matrix coefficients, never on a
+  # weight-sized array: after B is formed nothing refers to the old momentum,
+  # so B's buffer can become the new momentum in place.
+  left = jnp.where(keep, factors.left, 0.0)
+  direction = low_rank.outer(left, factors.right, spec.small_axis, jnp.float32)
+  update = (spec.scale * direction).astype(grad_dtype)
+  q = old_right_factor.reshape(factors.right.shape)
   new_q = jnp.where(keep, factors.right, q)
-  if momentum is None:
+  if decays is None:
     new_m = None
   else:
-    residual_decay, captured_decay = decays
-    fed_back = low_rank.error_feedback(
+    # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
+    residual_decay, captured_decay = (jnp.where(keep, d, 1.0) for d in decays)
+    new_m = spec.from_layout(low_rank.error_feedback(
         b, factors, small_axis=spec.small_axis,
-        residual_decay=residual_decay, captured_decay=captured_decay)
-    new_m = spec.from_layout(jnp.where(keep, fed_back, m))
+        residual_decay=residual_decay, captured_decay=captured_decay))
   captured = low_rank.captured_fraction(b, factors, collectives)
   return _MatrixStep(
       update=spec.from_layout(update),
@@ -273,15 +281,22 @@ def _low_rank_transformation(
     flat = lambda t: treedef.flatten_up_to(t)
     momenta = ([None] * len(paths) if feedback is None
                else flat(state.momentum))
+    prepared = [
+        _prepare(compressor.spec(path, g.shape, d), g, m)
+        for (path, g), d, m in zip(paths, dims, momenta)]
+    old_qs = flat(state.right_factor)
+    factors = low_rank.power_iteration(
+        [low_rank.MatrixTask(
+            buffer=p.buffer,
+            right_factor=q.reshape(-1, p.spec.small, p.spec.rank),
+            small_axis=p.spec.small_axis, collectives=collectives)
+         for p, q in zip(prepared, old_qs)],
+        config=compressor.step_config, eps=eps, key=step_key)
     results = [
-        _matrix_step(
-            compressor, compressor.spec(path, g.shape, d), g, m, q, skips,
-            key=jax.random.fold_in(step_key, index), eps=eps, decays=decays,
-            collectives=collectives)
-        for index, ((path, g), d, m, q, skips) in enumerate(zip(
-            paths, dims, momenta, flat(state.right_factor),
-            flat(state.nonfinite_count)))
-    ]
+        _finish(p, f, q, skips, decays=decays, grad_dtype=g.dtype,
+                collectives=collectives)
+        for p, f, q, skips, (_, g) in zip(
+            prepared, factors, old_qs, flat(state.nonfinite_count), paths)]
     unflatten = lambda field: jax.tree.unflatten(
         treedef, [getattr(r, field) for r in results])
     fields = dict(
