@@ -104,7 +104,7 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
     self.final_norm = nnx.RMSNorm(config.d_model, rngs=rngs)
     self.lm_head = nnx.Linear(config.d_model, VOCAB_SIZE, use_bias=False,
-                              kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+                              kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     seq_len = tokens.shape[1]
@@ -124,7 +124,7 @@ def cross_entropy(model: Transformer, inputs: jax.Array, targets: jax.Array) -> 
 
 
 # Which axes of each spectral-optimizer weight are its rows (reduction = fan_in) and columns
-# (output = fan_out); every other weight (embedding, head, norm scales) gets None, i.e. AdamW.
+# (output = fan_out); every other weight (embedding, head, norm scales) goes to AdamW.
 _MATRIX_AXES = {
     "q_proj": (0, (1, 2)),
     "k_proj": (0, (1, 2)),
@@ -136,20 +136,30 @@ _MATRIX_AXES = {
 }
 
 
-def dimension_numbers(params: Any, numbers_class: Callable[..., Any]) -> Any:
-  """A tree like `params` with `numbers_class(reduction_axis, output_axis)` for the attention
-  and MLP kernels and None for everything else.
+def _map_kernels(fn: Callable[[Any], Any], params: Any) -> Any:
+  """fn(axes or None) at each leaf of `params`, keyed by the name of the module owning it.
 
-  `numbers_class` is `orth_dion_jax.DionDimensionNumbers` or
-  `optax.contrib.MuonDimensionNumbers`. Works on the `nnx.State` of Params that
-  `nnx.Optimizer` hands to `init` as well as on the plain arrays it hands to `update`.
+  Works on the `nnx.State` of Params that `nnx.Optimizer` hands to `init` as well as on the plain
+  arrays it hands to `update`.
   """
 
-  def leaf_numbers(path, leaf):
+  def at_leaf(path, leaf):
     del leaf
     module, name = (getattr(key, "key", None) for key in path[-2:])
-    axes = _MATRIX_AXES.get(module) if name == "kernel" else None
-    return None if axes is None else numbers_class(*axes)
+    return fn(_MATRIX_AXES.get(module) if name == "kernel" else None)
 
   return jax.tree_util.tree_map_with_path(
-      leaf_numbers, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+      at_leaf, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def dimension_numbers(params: Any, numbers_class: Callable[..., Any]) -> Any:
+  """`numbers_class(reduction_axis, output_axis)` for attention and MLP kernels, None elsewhere.
+
+  `numbers_class` is `orth_dion_jax.DionDimensionNumbers` or `optax.contrib.MuonDimensionNumbers`.
+  """
+  return _map_kernels(lambda axes: None if axes is None else numbers_class(*axes), params)
+
+
+def hidden_matrix_mask(params: Any) -> Any:
+  """True for attention and MLP kernels: the weights that get decoupled weight decay."""
+  return _map_kernels(lambda axes: axes is not None, params)

@@ -1,0 +1,361 @@
+"""Train a byte-level transformer language model with Orth-Dion (or Dion, Muon, AdamW).
+
+    python -m examples.train                        # Orth-Dion, stdlib sources, ~3 min on 2 CPU cores
+    python -m examples.train --optimizer dion --rank-fraction 0.125
+    python -m examples.train --data my_texts/ --steps 2000 --d-model 256 --n-layers 6
+    python -m examples.train --resume               # continue from the latest checkpoint
+
+Writes to --out (default runs/<optimizer>): metrics.jsonl (one JSON record per step, and one per
+validation), loss.png, and orbax checkpoints under checkpoints/. The hidden weight matrices
+(attention and MLP projections) get the chosen spectral optimizer; the embedding, the output head
+and the norm scales get AdamW, as in the Dion reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import orth_dion_jax
+from examples import data as data_lib
+from examples.checkpointing import Checkpointer
+from examples.model import ModelConfig, Transformer, cross_entropy, dimension_numbers, hidden_matrix_mask
+
+OPTIMIZERS = ("orth_dion", "dion", "muon", "adamw")
+SCHEDULES = ("cosine", "wsd", "constant")
+# Peak learning rates for the default model and budget (the centre of compare.py's sweep grid).
+DEFAULT_LEARNING_RATES = {"orth_dion": 0.02, "dion": 0.02, "muon": 0.02, "adamw": 0.004}
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  optimizer: str = "orth_dion"
+  lr: float | None = None  # None: DEFAULT_LEARNING_RATES[optimizer]
+  rank_fraction: float = 0.25
+  schedule: str = "cosine"
+  warmup_steps: int | None = None  # None: 5% of the steps
+  weight_decay: float = 0.01
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  mlp_hidden: int | None = None  # None: 3 * d_model
+  steps: int = 300
+  batch_size: int = 16
+  seq_len: int = 128
+  seed: int = 0
+  data: str | None = None  # None: the Python standard library's sources
+  max_bytes: int = data_lib.DEFAULT_MAX_BYTES
+  eval_every: int = 50
+  eval_tokens: int = 32_768
+  log_every: int = 10
+  mesh_data: int = 1
+  mesh_fsdp: int = 1
+  mesh_tensor: int = 1
+  out: str | None = None  # None: runs/<optimizer>
+  checkpoint_every: int = 100  # 0: no checkpoints
+  resume: bool = False
+  progress: bool = True
+
+  @property
+  def peak_lr(self) -> float:
+    return DEFAULT_LEARNING_RATES[self.optimizer] if self.lr is None else self.lr
+
+  @property
+  def out_dir(self) -> pathlib.Path:
+    return pathlib.Path(self.out or os.path.join("runs", self.optimizer))
+
+  def model_config(self) -> ModelConfig:
+    return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                       mlp_hidden=self.mlp_hidden or 3 * self.d_model, max_seq_len=self.seq_len)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+  """Linear warmup to the peak, then one of: cosine decay towards 0 ("cosine"), the peak
+  ("constant"), or the peak followed by a linear decay over the last 20% of steps ("wsd")."""
+  peak, steps = config.peak_lr, config.steps
+  warmup = max(1, steps // 20) if config.warmup_steps is None else max(1, config.warmup_steps)
+
+  def schedule(count):
+    step = count + 1  # the step this learning rate is used for: 1, 2, ..., steps
+    ramp = jnp.minimum(1.0, step / warmup)
+    if config.schedule == "constant":
+      return peak * ramp
+    if config.schedule == "cosine":
+      progress = jnp.clip((step - warmup) / max(1, steps + 1 - warmup), 0.0, 1.0)
+      return peak * ramp * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return peak * ramp * jnp.clip((steps + 1 - step) / max(1, steps // 5), 0.0, 1.0)
+
+  return schedule
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """The chosen optimizer on the hidden matrices; AdamW without decay on everything else.
+
+  Muon, Dion and Orth-Dion share the AdamW settings of the Dion reference (betas 0.95, 0.98) and
+  its learning rate, so that they differ only in the matrix step.
+  """
+  lr = learning_rate_schedule(config)
+  wd = config.weight_decay
+  if config.optimizer in ("orth_dion", "dion"):
+    factory = orth_dion_jax.orth_dion if config.optimizer == "orth_dion" else orth_dion_jax.dion
+    return factory(
+        lr, rank_fraction=config.rank_fraction, weight_decay=wd, seed=config.seed,
+        weight_dimension_numbers=lambda p: dimension_numbers(p, orth_dion_jax.DionDimensionNumbers))
+  if config.optimizer == "muon":
+    return optax.contrib.muon(
+        lr, weight_decay=wd, adam_b1=0.95, adam_b2=0.98,
+        muon_weight_dimension_numbers=lambda p: dimension_numbers(
+            p, optax.contrib.MuonDimensionNumbers))
+  if config.optimizer == "adamw":
+    return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=wd, mask=hidden_matrix_mask)
+  raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+
+
+def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
+  shape = (config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+  devices = jax.devices()
+  if math.prod(shape) > len(devices):
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, found "
+        f"{len(devices)}; on CPU, simulate more with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(shape)}")
+  # Auto axes: the compiler propagates the batch sharding through the model (plain data parallel).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                       devices=devices[:math.prod(shape)])
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  # Data parallel: the batch is split over the data and fsdp axes and every device holds all
+  # parameters; tensor-axis devices see the same examples.
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+@nnx.jit
+def train_step(model: Transformer, optimizer: nnx.Optimizer, inputs: jax.Array,
+               targets: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  loss, grads = nnx.value_and_grad(cross_entropy)(model, inputs, targets)
+  optimizer.update(model, grads)
+  # nu = ||P Q^T||_op per matrix and the rest; an empty dict for Muon and AdamW.
+  return loss, orth_dion_jax.diagnostics_summary(optimizer.opt_state)
+
+
+@nnx.jit
+def eval_loss(model: Transformer, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  return cross_entropy(model, inputs, targets)
+
+
+def validation_loss(model: Transformer, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                    sharding: NamedSharding) -> float:
+  losses = [eval_loss(model, *jax.device_put((x, y), sharding)) for x, y in batches]
+  return float(np.mean(jax.device_get(losses)))
+
+
+class MetricsLog:
+  """metrics.jsonl: per-step records {"step", "loss", "lr", "tokens_per_s", nu...} and
+  validation records {"step", "val_loss"}. Resuming at step k drops the records after k."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int | None):
+    self.path = path
+    self.records = []
+    if resume_step is not None and path.exists():
+      lines = path.read_text().splitlines()
+      self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+  def write(self, records: Sequence[dict]) -> None:
+    self.records.extend(records)
+    with self.path.open("a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _progress_bar(config: TrainConfig, initial: int):
+  if not config.progress:
+    return None
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=config.steps, initial=initial, desc=config.optimizer, unit="step")
+
+
+def train(config: TrainConfig,
+          corpus: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+  """Runs one training run and returns its metric records (also in out_dir/metrics.jsonl).
+
+  `corpus` is (train, validation) bytes, loaded from `config.data` when not given.
+  """
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
+  train_bytes, val_bytes = corpus if corpus is not None else data_lib.load_corpus(config.data, config.max_bytes)
+  mesh = make_mesh(config)
+  sharding = batch_sharding(mesh)
+  if config.batch_size % (config.mesh_data * config.mesh_fsdp):
+    raise ValueError(f"batch size {config.batch_size} is not divisible by the "
+                     f"{config.mesh_data * config.mesh_fsdp} data-parallel devices")
+
+  model = Transformer(config.model_config(), rngs=nnx.Rngs(config.seed))
+  optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+  nnx.update(model, replicate(nnx.state(model), mesh))
+  nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
+  batches = data_lib.Batches(train_bytes, config.batch_size, config.seq_len, seed=config.seed)
+  val_batches = data_lib.validation_batches(
+      val_bytes, batch_size=config.batch_size, seq_len=config.seq_len,
+      max_tokens=config.eval_tokens)
+
+  out = config.out_dir
+  checkpointer = None
+  start = 0
+  if config.checkpoint_every:
+    if not config.resume and (out / "checkpoints").exists():
+      shutil.rmtree(out / "checkpoints")  # a fresh run replaces the last one, like nanoGPT
+    checkpointer = Checkpointer(out / "checkpoints")
+    if config.resume:
+      restored = checkpointer.restore_latest(model, optimizer)
+      if restored is not None:
+        start = batches.position = restored
+  elif config.resume:
+    raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
+  log = MetricsLog(out / "metrics.jsonl", resume_step=start if config.resume else None)
+
+  bar = _progress_bar(config, start)
+  pending = []  # (step, loss, diagnostics) still on device: fetched every log_every steps
+  window_start, window_tokens = time.perf_counter(), 0
+  lrs = np.asarray(jax.jit(jax.vmap(learning_rate_schedule(config)))(jnp.arange(config.steps)))
+  for step in range(start + 1, config.steps + 1):
+    inputs, targets = jax.device_put(next(batches), sharding)
+    loss, diagnostics = train_step(model, optimizer, inputs, targets)
+    pending.append((step, loss, diagnostics))
+    window_tokens += inputs.size
+    if step == start + 1:  # leave compilation out of the throughput
+      loss.block_until_ready()
+      window_start, window_tokens = time.perf_counter(), 0
+    last = step == config.steps
+    if step % config.log_every == 0 or last:
+      fetched = jax.device_get(pending)
+      tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+      records = [{"step": s, "loss": float(l), "lr": float(lrs[s - 1]),
+                  "tokens_per_s": tokens_per_s, **{k: float(v) for k, v in d.items()}}
+                 for s, l, d in fetched]
+      if step % config.eval_every == 0 or last:
+        records.append({"step": step, "val_loss": validation_loss(model, val_batches, sharding)})
+      log.write(records)
+      if bar is not None:
+        bar.update(len(pending))
+        bar.set_postfix(loss=f"{records[-1].get('val_loss', fetched[-1][1]):.3f}",
+                        tok_s=f"{tokens_per_s:,.0f}")
+      pending, window_start, window_tokens = [], time.perf_counter(), 0
+    if checkpointer is not None and (step % config.checkpoint_every == 0 or last):
+      checkpointer.save(step, model, optimizer, data_position=batches.position)
+  if bar is not None:
+    bar.close()
+  if checkpointer is not None:
+    checkpointer.close()
+  return log.records
+
+
+def plot_losses(curves: dict[str, list[dict]], path: pathlib.Path, title: str = "") -> None:
+  """Training loss (moving average) as lines and validation loss as markers, one colour a run."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for (name, records), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+    train_records = [r for r in records if "loss" in r]
+    val_records = [r for r in records if "val_loss" in r]
+    losses = np.array([r["loss"] for r in train_records])
+    window = max(1, len(losses) // 30)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    ax.plot([r["step"] for r in train_records][window - 1:], smooth, color=color, lw=1.2,
+            label=f"{name} (train)")
+    ax.plot([r["step"] for r in val_records], [r["val_loss"] for r in val_records], "o--",
+            color=color, ms=3.5, lw=0.8, label=f"{name} (val)")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / byte)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+  defaults = TrainConfig()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add = parser.add_argument
+  add("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+  add("--lr", type=float, default=None,
+      help=f"peak learning rate (default per optimizer: {DEFAULT_LEARNING_RATES})")
+  add("--rank-fraction", type=float, default=defaults.rank_fraction,
+      help="Dion / Orth-Dion rank as a fraction of min(fan_in, fan_out)")
+  add("--schedule", choices=SCHEDULES, default=defaults.schedule)
+  add("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
+  add("--weight-decay", type=float, default=defaults.weight_decay,
+      help="decoupled weight decay of the hidden matrices")
+  add("--d-model", type=int, default=defaults.d_model)
+  add("--n-layers", type=int, default=defaults.n_layers)
+  add("--n-heads", type=int, default=defaults.n_heads)
+  add("--mlp-hidden", type=int, default=None, help="default: 3 * d_model")
+  add("--steps", type=int, default=defaults.steps)
+  add("--batch-size", type=int, default=defaults.batch_size)
+  add("--seq-len", type=int, default=defaults.seq_len)
+  add("--seed", type=int, default=defaults.seed)
+  add("--data", default=None,
+      help="a text file or a directory of them (default: the Python standard library's sources)")
+  add("--max-bytes", type=int, default=defaults.max_bytes, help="corpus size cap")
+  add("--eval-every", type=int, default=defaults.eval_every)
+  add("--eval-tokens", type=int, default=defaults.eval_tokens)
+  add("--log-every", type=int, default=defaults.log_every)
+  add("--mesh-data", type=int, default=1)
+  add("--mesh-fsdp", type=int, default=1)
+  add("--mesh-tensor", type=int, default=1)
+  add("--out", default=None, help="run directory (default: runs/<optimizer>)")
+  add("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="0: never")
+  add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+  add("--no-progress", dest="progress", action="store_false")
+  return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  config = parse_args(argv)
+  devices = config.mesh_data * config.mesh_fsdp * config.mesh_tensor
+  if devices > 1 and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Simulated CPU devices; jax reads XLA_FLAGS when the backend starts (first use), not at import.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={devices}")
+  corpus = data_lib.load_corpus(config.data, config.max_bytes)
+  entropy = data_lib.unigram_entropy(corpus[0])
+  print(f"corpus: {corpus[0].size:,} training and {corpus[1].size:,} validation bytes; unigram "
+        f"entropy {entropy:.3f} nats/byte (the loss of a model that ignores context)")
+  records = train(config, corpus)
+  final = [r for r in records if "val_loss" in r][-1]
+  plot_losses({config.optimizer: records}, config.out_dir / "loss.png",
+              title=f"{config.optimizer}, byte-level LM")
+  print(f"validation loss after {final['step']} steps: {final['val_loss']:.3f} nats/byte "
+        f"({final['val_loss'] / math.log(2):.2f} bits/byte); unigram entropy: {entropy:.3f} nats/byte")
+  print(f"metrics: {config.out_dir / 'metrics.jsonl'}, plot: {config.out_dir / 'loss.png'}")
+
+
+if __name__ == "__main__":
+  main()
