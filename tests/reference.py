@@ -1,0 +1,153 @@
+"""An independent float64 NumPy implementation of Dion / Orth-Dion.
+
+Written from ALGORITHM.md alone (it imports nothing from ``orth_dion_jax``),
+so that the tests can hold the package to it. Everything here is in the
+reference (PyTorch) layout: a weight ``X`` is ``(fan_out, fan_in)``, the
+transpose of a Flax kernel. Each step turns the buffer so that its rows are
+the larger side (``oriented``); the right factor ``Q`` lives on the smaller
+side, shape ``(min(fan_out, fan_in), r)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+
+def qr_pos(a: np.ndarray) -> np.ndarray:
+  """Q of A = Q T with diag(T) >= 0 (ALGORITHM.md section 3)."""
+  q, t = np.linalg.qr(a, mode="reduced")
+  return q * np.where(np.diag(t) < 0, -1.0, 1.0)
+
+
+def normalize_columns(r: np.ndarray, eps: float) -> np.ndarray:
+  """Dion's right factor: each column over (its 2-norm + eps)."""
+  return r / (np.linalg.norm(r, axis=0, keepdims=True) + eps)
+
+
+def is_wide(x: np.ndarray) -> bool:
+  """fan_out < fan_in: the step works on X^T."""
+  return x.shape[0] < x.shape[1]
+
+
+def oriented(x: np.ndarray) -> np.ndarray:
+  """B = X if fan_out >= fan_in (square included), else X^T."""
+  return x.T if is_wide(x) else x
+
+
+def update_scale(fan_out: int, fan_in: int, scale: str) -> float:
+  if scale == "spectral":
+    return math.sqrt(fan_out / fan_in)
+  if scale == "rms":
+    return 0.2 * math.sqrt(max(fan_out, fan_in))
+  raise ValueError(f"unknown scale {scale!r}")
+
+
+class Factors(NamedTuple):
+  p: np.ndarray   # (big, r), orthonormal columns
+  r: np.ndarray   # (small, r), B^T P of the last power iteration
+  q: np.ndarray   # (small, r), the new right factor
+
+
+def low_rank_factors(b: np.ndarray, q: np.ndarray, *, right_factor: str,
+                     eps: float, power_iters: int) -> Factors:
+  """Warm-started power iteration(s) on an oriented buffer ``b``."""
+  for _ in range(power_iters):
+    p = qr_pos(b @ q)
+    r = b.T @ p
+    q = qr_pos(r) if right_factor == "qr" else normalize_columns(r, eps)
+  return Factors(p, r, q)
+
+
+class MatrixState(NamedTuple):
+  """What the reference carries for one matrix (reference layout)."""
+  weight: np.ndarray         # X, (fan_out, fan_in)
+  momentum: np.ndarray       # M (mu-form), E (beta-form) or the trace
+  right_factor: np.ndarray   # Q, (small, r)
+  captured_fraction: float   # ||P R^T||_F^2 / ||B||_F^2 of the last step
+  update: np.ndarray         # the last parameter update, (fan_out, fan_in)
+
+
+class ReferenceDion:
+  """Dion / Orth-Dion on a dict of named matrices, in float64.
+
+  ``form`` picks the momentum:
+
+  * ``"mu"``: the reference mu-form (ALGORITHM.md section 2), ``decay`` is mu:
+    ``B = M + G; M <- B - (1 - mu) P R^T``;
+  * ``"beta"``: the paper's analysed form (section 6), transcribed literally,
+    ``decay`` is beta: ``M = G + E; U = qr(M V); W = M^T U; V = qr_pos(W);
+    E <- beta (M - U U^T M)``;
+  * ``"trace"``: heavy-ball momentum ``B <- decay B + G`` with no error
+    feedback (the low-rank step chained after ``optax.trace``).
+
+  Every form then steps ``X <- X - lr (s P Q^T + wd X)``.
+  """
+
+  def __init__(self, weights: Mapping[str, np.ndarray],
+               right_factors: Mapping[str, np.ndarray], *,
+               learning_rate: float, form: str = "mu", decay: float = 0.95,
+               weight_decay: float = 0.0, right_factor: str = "qr",
+               power_iters: int = 1, eps: float = 1e-8,
+               scale: str = "spectral"):
+    self.learning_rate = learning_rate
+    self.form = form
+    self.decay = decay
+    self.weight_decay = weight_decay
+    self.right_factor = right_factor
+    self.power_iters = power_iters
+    self.eps = eps
+    self.scale = scale
+    self.state = {
+        name: MatrixState(
+            weight=np.asarray(x, np.float64),
+            momentum=np.zeros(np.shape(x)),
+            right_factor=np.asarray(right_factors[name], np.float64),
+            captured_fraction=0.0,
+            update=np.zeros(np.shape(x)))
+        for name, x in weights.items()}
+
+  def step(self, grads: Mapping[str, np.ndarray], *,
+           learning_rate: float | None = None, decay: float | None = None,
+           weight_decay: float | None = None) -> dict[str, MatrixState]:
+    """One step on every matrix; per-step hyperparameters override defaults."""
+    lr = self.learning_rate if learning_rate is None else learning_rate
+    decay = self.decay if decay is None else decay
+    wd = self.weight_decay if weight_decay is None else weight_decay
+    for name, g in grads.items():
+      self.state[name] = self._matrix_step(
+          self.state[name], np.asarray(g, np.float64), lr=lr, decay=decay,
+          wd=wd)
+    return self.state
+
+  def _matrix_step(self, s: MatrixState, g: np.ndarray, *, lr: float,
+                   decay: float, wd: float) -> MatrixState:
+    x = s.weight
+    back = (lambda y: y.T) if is_wide(x) else (lambda y: y)
+    if self.form == "beta":
+      m = oriented(g + s.momentum)
+      u = qr_pos(m @ s.right_factor)
+      w = m.T @ u
+      q = qr_pos(w)
+      new_momentum = back(decay * (m - u @ (u.T @ m)))
+      direction = u @ q.T
+      captured = np.sum(w**2) / np.sum(m**2)
+    else:
+      b = oriented((decay if self.form == "trace" else 1.0) * s.momentum + g)
+      f = low_rank_factors(b, s.right_factor, right_factor=self.right_factor,
+                           eps=self.eps, power_iters=self.power_iters)
+      q = f.q
+      if self.form == "trace":
+        new_momentum = back(b)
+      else:
+        new_momentum = back(b - (1.0 - decay) * f.p @ f.r.T)
+      direction = f.p @ f.q.T
+      captured = np.sum(f.r**2) / np.sum(b**2)
+    fan_out, fan_in = x.shape
+    update = -lr * (update_scale(fan_out, fan_in, self.scale)
+                    * back(direction) + wd * x)
+    return MatrixState(weight=x + update, momentum=new_momentum,
+                       right_factor=q, captured_fraction=float(captured),
+                       update=update)
