@@ -28,12 +28,13 @@ _STATIC_HINT = ("; under optax.inject_hyperparams pass "
 
 def _concrete(value: Any) -> float | None:
   """The value as a float, or None for schedules and traced arrays."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
+  if callable(value):
     return None
   try:
     return float(np.asarray(value))
-  except (TypeError, ValueError):
-    return None
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError, TypeError, ValueError):
+    return None  # traced under jit: checked where it is concrete
 
 
 def check_static_int(name: str, value: Any) -> None:
