@@ -128,6 +128,7 @@ def run_against_reference(
     grads: Sequence[Any],
     *,
     dims: Any = None,
+    reference_grads: Sequence[Any] | None = None,
     hyperparams: Callable[[int], dict[str, float]] | None = None,
     momentum_key: str | None = "momentum",
     orthonormal_start: bool = False,
@@ -138,7 +139,10 @@ def run_against_reference(
 
   Compares, for every matrix and step: the update, the parameters, the
   momentum (state field ``momentum_key``), the right factor and the captured
-  fraction. The reference starts from the package's initial right factors,
+  fraction. ``reference_grads`` are what the reference sees (default:
+  ``grads``), e.g. gradients already clipped by a transformation chained in
+  front. ``hyperparams(t)`` gives step t's ``ReferenceDion.step`` overrides.
+  The reference starts from the package's initial right factors,
   or, with ``orthonormal_start``, from orthonormal ones set into the state
   with ``optax.tree.set`` (a square Gaussian start can be so ill-conditioned
   that float32 cannot agree with float64 to 1e-5 on the first step).
@@ -156,10 +160,10 @@ def run_against_reference(
                                 right_factor_matrices(state),
                                 **reference_kwargs)
   update = jax.jit(tx.update)
-  for t, g in enumerate(grads):
+  for t, (g, ref_g) in enumerate(zip(grads, reference_grads or grads)):
     updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
-    expected = ref.step(as_reference(g, dims),
+    expected = ref.step(as_reference(ref_g, dims),
                         **(hyperparams(t) if hyperparams else {}))
     actual = {
         "update": as_reference(updates, dims),
