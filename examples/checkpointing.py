@@ -57,7 +57,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep)),
-        item_names=("state", "data"))
+        # Handlers named up front, so that a fresh process can read the metadata before restoring.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, *,
            data_position: int) -> None:

@@ -235,6 +235,8 @@ def train(config: TrainConfig,
   elif config.resume:
     raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
   log = MetricsLog(out / "metrics.jsonl", resume_step=start if config.resume else None)
+  if start == 0:
+    log.write([{"step": 0, "val_loss": validation_loss(model, val_batches, sharding)}])
 
   bar = _progress_bar(config, start)
   pending = []  # (step, loss, diagnostics) still on device: fetched every log_every steps
