@@ -174,7 +174,11 @@ def power_iteration(
   colls = [t.collectives for t in tasks]
   qs = [t.right_factor.astype(jnp.float32) for t in tasks]
   for it in range(config.power_iters):
-    ys = [c.mean_replicas(c.sum_small(_contract(t.buffer, q, t.small_axis)))
+    # orth(B Q) does not depend on the scale of Q's columns; unit-max columns
+    # keep B Q from underflowing when Dion's Q is tiny (R / (|R| + eps) with
+    # |R| << eps).
+    ys = [c.mean_replicas(c.sum_small(_contract(
+        t.buffer, orth.column_prescale(q, c.max_small), t.small_axis)))
           for t, q, c in zip(tasks, qs, colls)]
     ps = _grouped_orthonormalize(
         ys, colls, on_big_side=True, method=config.orthogonalize,

@@ -73,7 +73,7 @@ def _times_inverse_upper(a: Array, upper: Array) -> Array:
   return jnp.einsum("...kr,...rs->...ks", a, inverse)
 
 
-def _column_prescale(a: Array, max_rows: RowSum) -> Array:
+def column_prescale(a: Array, max_rows: RowSum = _identity) -> Array:
   """Divides each column by its largest magnitude.
 
   Column scaling by positive numbers leaves ``Q`` of ``A = Q T`` unchanged (it
@@ -172,7 +172,7 @@ def orthonormalize(
   Returns:
     float32 array shaped like ``a``. All-zero columns stay finite.
   """
-  a = _column_prescale(a.astype(jnp.float32), max_rows)
+  a = column_prescale(a.astype(jnp.float32), max_rows)
   if method == "householder":
     return householder_qr(a)
   if method == "cholesky_qr":
