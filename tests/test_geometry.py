@@ -34,7 +34,9 @@ def _directions(right_factor: str):
   """
   rng = np.random.default_rng(3)
   params = kernel_tree(rng, SHAPES)
-  tx = orth_dion_jax.scale_by_orth_dion(rank=RANK, right_factor=right_factor)
+  # Householder: the method whose raw QR has mixed-sign diagonals.
+  tx = orth_dion_jax.scale_by_orth_dion(rank=RANK, right_factor=right_factor,
+                                        orthogonalize="householder")
   state = tx.init(params)
   update = jax.jit(tx.update)
   steps = []

@@ -172,30 +172,25 @@ def test_extra_args_reach_the_chain_and_are_ignored_by_orth_dion():
                               rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_parameter_dtypes_and_state_are_stable(dtype):
+@pytest.mark.parametrize("dtype,momentum_dtype,expected_momentum_dtype", [
+    (jnp.float32, None, jnp.float32),
+    (jnp.bfloat16, None, jnp.bfloat16),
+    (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+], ids=["float32", "bfloat16", "float32-bfloat16_momentum"])
+def test_parameter_dtypes_and_state_are_stable(dtype, momentum_dtype,
+                                               expected_momentum_dtype):
   params = _model(dtype)
-  tx = orth_dion_jax.orth_dion(0.05, rank=4)
+  tx = orth_dion_jax.orth_dion(0.05, rank=4, momentum_dtype=momentum_dtype)
   initial_state = tx.init(params)
   new_params, state = _run(tx, params, range(3))
   chex.assert_trees_all_equal_shapes_and_dtypes(new_params, params)
   chex.assert_trees_all_equal_shapes_and_dtypes(state, initial_state)
   chex.assert_tree_all_finite(new_params)
-  assert optax.tree.get(state, "momentum")["dense"]["kernel"].dtype == dtype
-  assert optax.tree.get(state, "right_factor")["dense"]["kernel"].dtype == (
-      jnp.float32)
-
-
-def test_bfloat16_momentum_with_float32_parameters():
-  params = _model()
-  tx = orth_dion_jax.orth_dion(0.05, rank=4, momentum_dtype=jnp.bfloat16)
-  initial_state = tx.init(params)
-  new_params, state = _run(tx, params, range(3))
-  chex.assert_trees_all_equal_shapes_and_dtypes(new_params, params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(state, initial_state)
-  momentum = optax.tree.get(state, "momentum")["dense"]["kernel"]
-  assert momentum.dtype == jnp.bfloat16
-  chex.assert_tree_all_finite(new_params)
+  assert not np.allclose(new_params["dense"]["kernel"],
+                         params["dense"]["kernel"])
+  kernel_state = lambda key: optax.tree.get(state, key)["dense"]["kernel"]
+  assert kernel_state("momentum").dtype == expected_momentum_dtype
+  assert kernel_state("right_factor").dtype == jnp.float32   # QR in float32
 
 
 def test_jit_and_eager_agree():
@@ -235,3 +230,13 @@ def test_tree_get_and_set_right_factor_on_the_full_state():
   chex.assert_trees_all_close(
       as_reference({"kernel": updates["dense"]["kernel"]})[name],
       expected[name].update, rtol=1e-4, atol=1e-7)
+
+
+def test_initial_right_factors_depend_only_on_the_seed():
+  """Every replica that builds the optimizer with one seed starts alike."""
+  params = _model()
+  factors = lambda seed: optax.tree.get(
+      orth_dion_jax.orth_dion(0.05, seed=seed).init(params),
+      "right_factor")["dense"]["kernel"]
+  chex.assert_trees_all_equal(factors(3), factors(3))
+  assert not np.allclose(factors(3), factors(4))
