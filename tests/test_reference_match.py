@@ -30,18 +30,19 @@ FULL_RANK_SHAPES = {"tall": (12, 48), "wide": (48, 12)}
 
 
 def _check_alias(shapes, *, right_factor, orthogonalize, rank_fraction,
-                 orthonormal_start=False, **kwargs):
+                 power_iters=1, scale="spectral", orthonormal_start=False):
   rng = np.random.default_rng(1)
   params = kernel_tree(rng, shapes)
   lr, mu, wd = 0.05, 0.9, 0.1
   tx = orth_dion_jax.orth_dion(
       lr, rank_fraction=rank_fraction, mu=mu, weight_decay=wd,
-      right_factor=right_factor, orthogonalize=orthogonalize, **kwargs)
+      right_factor=right_factor, orthogonalize=orthogonalize,
+      power_iters=power_iters, scale=scale)
   return run_against_reference(
-      tx, params, gradient_steps(rng, shapes, STEPS), learning_rate=lr,
-      decay=mu, weight_decay=wd, right_factor=right_factor,
-      orthonormal_start=orthonormal_start,
-      **{k: v for k, v in kwargs.items() if k in ("power_iters", "scale")})
+      tx, params, gradient_steps(rng, shapes, STEPS),
+      orthonormal_start=orthonormal_start, learning_rate=lr, decay=mu,
+      weight_decay=wd, right_factor=right_factor, power_iters=power_iters,
+      scale=scale)
 
 
 @pytest.mark.parametrize("orthogonalize", METHODS)
