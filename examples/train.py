@@ -1,6 +1,6 @@
 """Train a byte-level transformer language model with Orth-Dion (or Dion, Muon, AdamW).
 
-    python -m examples.train                        # Orth-Dion, stdlib sources, ~3 min on 2 CPU cores
+    python -m examples.train                        # Orth-Dion on the stdlib's sources, a few minutes on CPU
     python -m examples.train --optimizer dion --rank-fraction 0.125
     python -m examples.train --data my_texts/ --steps 2000 --d-model 256 --n-layers 6
     python -m examples.train --resume               # continue from the latest checkpoint
@@ -50,9 +50,9 @@ class TrainConfig:
   schedule: str = "cosine"
   warmup_steps: int | None = None  # None: 5% of the steps
   weight_decay: float = 0.01
-  d_model: int = 128
-  n_layers: int = 4
-  n_heads: int = 4
+  d_model: int = 96
+  n_layers: int = 3
+  n_heads: int = 3
   mlp_hidden: int | None = None  # None: 3 * d_model
   steps: int = 300
   batch_size: int = 16
@@ -60,8 +60,8 @@ class TrainConfig:
   seed: int = 0
   data: str | None = None  # None: the Python standard library's sources
   max_bytes: int = data_lib.DEFAULT_MAX_BYTES
-  eval_every: int = 50
-  eval_tokens: int = 32_768
+  eval_every: int = 100
+  eval_tokens: int = 16_384
   log_every: int = 10
   mesh_data: int = 1
   mesh_fsdp: int = 1
@@ -195,11 +195,14 @@ def _progress_bar(config: TrainConfig, initial: int):
   return tqdm(total=config.steps, initial=initial, desc=config.optimizer, unit="step")
 
 
-def train(config: TrainConfig,
-          corpus: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = None,
+          tx: optax.GradientTransformation | None = None) -> list[dict]:
   """Runs one training run and returns its metric records (also in out_dir/metrics.jsonl).
 
-  `corpus` is (train, validation) bytes, loaded from `config.data` when not given.
+  `corpus` is (train, validation) bytes, loaded from `config.data` when not given. `tx` replaces
+  `make_optimizer(config)`; if it is an `optax.inject_hyperparams` optimizer with a "peak_lr"
+  hyperparameter (compare.py's), that is set to `config.peak_lr`: runs that share such a `tx` and
+  differ only in learning rate or seed then share one compiled train step.
   """
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
@@ -213,7 +216,10 @@ def train(config: TrainConfig,
                      f"{config.mesh_data * config.mesh_fsdp} data-parallel devices")
 
   model = Transformer(config.model_config(), rngs=nnx.Rngs(config.seed))
-  optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_optimizer(config) if tx is None else tx, wrt=nnx.Param)
+  hyperparams = getattr(optimizer.opt_state, "hyperparams", {})
+  if "peak_lr" in hyperparams:
+    hyperparams["peak_lr"][...] = config.peak_lr
   nnx.update(model, replicate(nnx.state(model), mesh))
   nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
   batches = data_lib.Batches(train_bytes, config.batch_size, config.seq_len, seed=config.seed)
@@ -235,8 +241,10 @@ def train(config: TrainConfig,
   elif config.resume:
     raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
   log = MetricsLog(out / "metrics.jsonl", resume_step=start if config.resume else None)
+  val_loss = math.nan  # the latest validation loss, for the progress bar
   if start == 0:
-    log.write([{"step": 0, "val_loss": validation_loss(model, val_batches, sharding)}])
+    val_loss = validation_loss(model, val_batches, sharding)
+    log.write([{"step": 0, "val_loss": val_loss}])
 
   bar = _progress_bar(config, start)
   pending = []  # (step, loss, diagnostics) still on device: fetched every log_every steps
@@ -251,21 +259,25 @@ def train(config: TrainConfig,
       loss.block_until_ready()
       window_start, window_tokens = time.perf_counter(), 0
     last = step == config.steps
-    if step % config.log_every == 0 or last:
+    evaluate = step % config.eval_every == 0 or last
+    checkpoint = checkpointer is not None and (step % config.checkpoint_every == 0 or last)
+    # A checkpoint at step k comes after the records of steps <= k are on disk.
+    if step % config.log_every == 0 or evaluate or checkpoint:
       fetched = jax.device_get(pending)
       tokens_per_s = window_tokens / (time.perf_counter() - window_start)
       records = [{"step": s, "loss": float(l), "lr": float(lrs[s - 1]),
                   "tokens_per_s": tokens_per_s, **{k: float(v) for k, v in d.items()}}
                  for s, l, d in fetched]
-      if step % config.eval_every == 0 or last:
-        records.append({"step": step, "val_loss": validation_loss(model, val_batches, sharding)})
+      if evaluate:
+        val_loss = validation_loss(model, val_batches, sharding)
+        records.append({"step": step, "val_loss": val_loss})
       log.write(records)
       if bar is not None:
         bar.update(len(pending))
-        bar.set_postfix(loss=f"{records[-1].get('val_loss', fetched[-1][1]):.3f}",
-                        tok_s=f"{tokens_per_s:,.0f}")
+        bar.set_postfix(loss=f"{records[len(fetched) - 1]['loss']:.3f}",
+                        val=f"{val_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
       pending, window_start, window_tokens = [], time.perf_counter(), 0
-    if checkpointer is not None and (step % config.checkpoint_every == 0 or last):
+    if checkpoint:
       checkpointer.save(step, model, optimizer, data_position=batches.position)
   if bar is not None:
     bar.close()
