@@ -83,6 +83,7 @@ def _orth_dion_family(
 ) -> optax.GradientTransformation:
   validation.check_nonnegative("weight_decay", weight_decay)
   validation.check_nonnegative("adam_weight_decay", adam_weight_decay)
+  validation.check_nonnegative("adam_eps", adam_eps)
   for name, value in (("adam_b1", adam_b1), ("adam_b2", adam_b2)):
     validation.check_unit_interval(name, value, closed_right=False)
   low_rank_chain = optax.chain(
