@@ -43,6 +43,7 @@ ALIAS_ONLY = [
     (dict(adam_b1=1.0), ValueError, "adam_b1"),
     (dict(adam_b2=-0.5), ValueError, "adam_b2"),
     (dict(adam_weight_decay=-1.0), ValueError, "adam_weight_decay"),
+    (dict(adam_eps=-1e-8), ValueError, "adam_eps"),
 ]
 
 
