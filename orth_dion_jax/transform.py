@@ -183,7 +183,8 @@ def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
   # One bad entry poisons the whole power iteration of its matrix: that matrix
   # sees a zero gradient and is frozen below, instead of letting NaN reach the
   # momentum or the weights.
-  finite = jnp.all(jnp.isfinite(g), axis=(-2, -1))
+  # max|g| is NaN or Inf exactly when some entry is: one reduction, no mask.
+  finite = jnp.isfinite(jnp.max(jnp.abs(g), axis=(-2, -1)))
   g = jnp.where(finite[:, None, None], g, 0)
   if momentum is None:
     return _Prepared(spec, g, finite)
