@@ -240,6 +240,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--n-layers", type=int, default=2)
   add("--n-heads", type=int, default=2)
   add("--schedule", choices=train_lib.SCHEDULES, default="cosine")
+  add("--orthogonalize", choices=("cholesky_qr", "householder", "randomized_cholesky_qr"),
+      default="householder",
+      help="QR of Dion's and Orth-Dion's factors; all give the same positive-diagonal factor, "
+           "and Householder (LAPACK) is the fastest on CPU")
   add("--seeds", type=int, default=2, help="reporting seeds per arm, at least 2")
   add("--sweep-seed", type=int, default=0)
   add("--grid-points", type=int, default=5)
@@ -265,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   base = train_lib.TrainConfig(
       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, d_model=args.d_model,
       n_layers=args.n_layers, n_heads=args.n_heads, schedule=args.schedule, data=args.data,
+      orthogonalize=args.orthogonalize,
       eval_every=max(1, args.steps // 4), eval_tokens=16_384, log_every=50, checkpoint_every=0,
       progress=False)
   corpus = data_lib.load_corpus(args.data)

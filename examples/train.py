@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from examples.model import ModelConfig, Transformer, cross_entropy, dimension_nu
 OPTIMIZERS = ("orth_dion", "dion", "muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
 # Peak learning rates for the default model and budget (the centre of compare.py's sweep grid).
-DEFAULT_LEARNING_RATES = {"orth_dion": 0.02, "dion": 0.02, "muon": 0.02, "adamw": 0.004}
+DEFAULT_LEARNING_RATES = {"orth_dion": 0.04, "dion": 0.04, "muon": 0.04, "adamw": 0.008}
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -47,6 +48,7 @@ class TrainConfig:
   optimizer: str = "orth_dion"
   lr: float | None = None  # None: DEFAULT_LEARNING_RATES[optimizer]
   rank_fraction: float = 0.25
+  orthogonalize: str | None = None  # None: the library's default
   schedule: str = "cosine"
   warmup_steps: int | None = None  # None: 5% of the steps
   weight_decay: float = 0.01
@@ -113,8 +115,9 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   wd = config.weight_decay
   if config.optimizer in ("orth_dion", "dion"):
     factory = orth_dion_jax.orth_dion if config.optimizer == "orth_dion" else orth_dion_jax.dion
+    method = {} if config.orthogonalize is None else {"orthogonalize": config.orthogonalize}
     return factory(
-        lr, rank_fraction=config.rank_fraction, weight_decay=wd, seed=config.seed,
+        lr, rank_fraction=config.rank_fraction, weight_decay=wd, seed=config.seed, **method,
         weight_dimension_numbers=lambda p: dimension_numbers(p, orth_dion_jax.DionDimensionNumbers))
   if config.optimizer == "muon":
     return optax.contrib.muon(
@@ -149,23 +152,32 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-@nnx.jit
-def train_step(model: Transformer, optimizer: nnx.Optimizer, inputs: jax.Array,
-               targets: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+# The step functions take the model and optimizer as nnx.split's (graphdef, state) and jax.jit
+# them: nnx.merge then runs once per compilation instead of a graph traversal on every call,
+# which matters for models this small.
+@functools.partial(jax.jit, static_argnums=0)
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array
+               ) -> tuple[nnx.State, jax.Array, dict[str, jax.Array]]:
+  """One optimizer step of (model, optimizer) = nnx.merge(graphdef, state)."""
+  model, optimizer = nnx.merge(graphdef, state)
   loss, grads = nnx.value_and_grad(cross_entropy)(model, inputs, targets)
   optimizer.update(model, grads)
   # nu = ||P Q^T||_op per matrix and the rest; an empty dict for Muon and AdamW.
-  return loss, orth_dion_jax.diagnostics_summary(optimizer.opt_state)
+  diagnostics = orth_dion_jax.diagnostics_summary(optimizer.opt_state)
+  return nnx.state((model, optimizer)), loss, diagnostics
 
 
-@nnx.jit
-def eval_loss(model: Transformer, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=0)
+def eval_loss(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array,
+              targets: jax.Array) -> jax.Array:
+  model, _ = nnx.merge(graphdef, state)
   return cross_entropy(model, inputs, targets)
 
 
-def validation_loss(model: Transformer, batches: Iterable[tuple[np.ndarray, np.ndarray]],
+def validation_loss(graphdef: nnx.GraphDef, state: nnx.State,
+                    batches: Iterable[tuple[np.ndarray, np.ndarray]],
                     sharding: NamedSharding) -> float:
-  losses = [eval_loss(model, *jax.device_put((x, y), sharding)) for x, y in batches]
+  losses = [eval_loss(graphdef, state, *jax.device_put(batch, sharding)) for batch in batches]
   return float(np.mean(jax.device_get(losses)))
 
 
@@ -195,64 +207,80 @@ def _progress_bar(config: TrainConfig, initial: int):
   return tqdm(total=config.steps, initial=initial, desc=config.optimizer, unit="step")
 
 
-def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = None,
-          tx: optax.GradientTransformation | None = None) -> list[dict]:
-  """Runs one training run and returns its metric records (also in out_dir/metrics.jsonl).
+def build(config: TrainConfig, mesh: jax.sharding.Mesh,
+          tx: optax.GradientTransformation | None = None) -> tuple[Transformer, nnx.Optimizer]:
+  """The model and its optimizer, replicated over `mesh`.
 
-  `corpus` is (train, validation) bytes, loaded from `config.data` when not given. `tx` replaces
-  `make_optimizer(config)`; if it is an `optax.inject_hyperparams` optimizer with a "peak_lr"
-  hyperparameter (compare.py's), that is set to `config.peak_lr`: runs that share such a `tx` and
-  differ only in learning rate or seed then share one compiled train step.
+  `tx` replaces `make_optimizer(config)`; if it is an `optax.inject_hyperparams` optimizer with
+  a "peak_lr" hyperparameter (compare.py's), that is set to `config.peak_lr`: runs that share
+  such a `tx` and differ only in learning rate or seed then share one compiled train step.
   """
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
-  train_bytes, val_bytes = corpus if corpus is not None else data_lib.load_corpus(config.data, config.max_bytes)
-  mesh = make_mesh(config)
-  sharding = batch_sharding(mesh)
-  if config.batch_size % (config.mesh_data * config.mesh_fsdp):
-    raise ValueError(f"batch size {config.batch_size} is not divisible by the "
-                     f"{config.mesh_data * config.mesh_fsdp} data-parallel devices")
-
   model = Transformer(config.model_config(), rngs=nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, make_optimizer(config) if tx is None else tx, wrt=nnx.Param)
   hyperparams = getattr(optimizer.opt_state, "hyperparams", {})
   if "peak_lr" in hyperparams:
     hyperparams["peak_lr"][...] = config.peak_lr
-  nnx.update(model, replicate(nnx.state(model), mesh))
-  nnx.update(optimizer, replicate(nnx.state(optimizer), mesh))
-  batches = data_lib.Batches(train_bytes, config.batch_size, config.seq_len, seed=config.seed)
+  for module in (model, optimizer):
+    nnx.update(module, replicate(nnx.state(module), mesh))
+  return model, optimizer
+
+
+def open_checkpoints(config: TrainConfig, model: Transformer,
+                     optimizer: nnx.Optimizer) -> tuple[Checkpointer | None, int]:
+  """(checkpointer or None, the step to continue from), restoring in place with --resume."""
+  directory = config.out_dir / "checkpoints"
+  if not config.checkpoint_every:
+    if config.resume:
+      raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
+    return None, 0
+  if not config.resume and directory.exists():
+    shutil.rmtree(directory)  # a fresh run replaces the previous one's checkpoints, like nanoGPT
+  checkpointer = Checkpointer(directory)
+  restored = checkpointer.restore_latest(model, optimizer) if config.resume else None
+  return checkpointer, restored or 0
+
+
+def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = None,
+          tx: optax.GradientTransformation | None = None) -> list[dict]:
+  """Runs one training run and returns its metric records (also in out_dir/metrics.jsonl).
+
+  `corpus` is (train, validation) bytes, loaded from `config.data` when not given; `tx` as in
+  `build`.
+  """
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
+  if config.batch_size % (config.mesh_data * config.mesh_fsdp):
+    raise ValueError(f"batch size {config.batch_size} is not divisible by the "
+                     f"{config.mesh_data * config.mesh_fsdp} data-parallel devices")
+  if corpus is None:
+    corpus = data_lib.load_corpus(config.data, config.max_bytes)
+  train_bytes, val_bytes = corpus
+  mesh = make_mesh(config)
+  sharding = batch_sharding(mesh)
+  model, optimizer = build(config, mesh, tx)
+  checkpointer, start = open_checkpoints(config, model, optimizer)
+  # The batch stream is a function of (seed, position): resuming at step k resumes its position k.
+  batches = data_lib.Batches(train_bytes, config.batch_size, config.seq_len, seed=config.seed,
+                             position=start)
   val_batches = data_lib.validation_batches(
       val_bytes, batch_size=config.batch_size, seq_len=config.seq_len,
       max_tokens=config.eval_tokens)
+  lrs = np.asarray(learning_rate_schedule(config)(np.arange(config.steps)))
 
-  out = config.out_dir
-  checkpointer = None
-  start = 0
-  if config.checkpoint_every:
-    if not config.resume and (out / "checkpoints").exists():
-      shutil.rmtree(out / "checkpoints")  # a fresh run replaces the last one, like nanoGPT
-    checkpointer = Checkpointer(out / "checkpoints")
-    if config.resume:
-      restored = checkpointer.restore_latest(model, optimizer)
-      if restored is not None:
-        start = batches.position = restored
-  elif config.resume:
-    raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
-  log = MetricsLog(out / "metrics.jsonl", resume_step=start if config.resume else None)
+  graphdef, state = nnx.split((model, optimizer))
+  log = MetricsLog(config.out_dir / "metrics.jsonl", resume_step=start if config.resume else None)
   val_loss = math.nan  # the latest validation loss, for the progress bar
   if start == 0:
-    val_loss = validation_loss(model, val_batches, sharding)
+    val_loss = validation_loss(graphdef, state, val_batches, sharding)
     log.write([{"step": 0, "val_loss": val_loss}])
-
   bar = _progress_bar(config, start)
   pending = []  # (step, loss, diagnostics) still on device: fetched every log_every steps
   window_start, window_tokens = time.perf_counter(), 0
-  lrs = np.asarray(jax.jit(jax.vmap(learning_rate_schedule(config)))(jnp.arange(config.steps)))
   for step in range(start + 1, config.steps + 1):
     inputs, targets = jax.device_put(next(batches), sharding)
-    loss, diagnostics = train_step(model, optimizer, inputs, targets)
+    state, loss, diagnostics = train_step(graphdef, state, inputs, targets)
     pending.append((step, loss, diagnostics))
     window_tokens += inputs.size
     if step == start + 1:  # leave compilation out of the throughput
@@ -269,7 +297,7 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
                   "tokens_per_s": tokens_per_s, **{k: float(v) for k, v in d.items()}}
                  for s, l, d in fetched]
       if evaluate:
-        val_loss = validation_loss(model, val_batches, sharding)
+        val_loss = validation_loss(graphdef, state, val_batches, sharding)
         records.append({"step": step, "val_loss": val_loss})
       log.write(records)
       if bar is not None:
@@ -278,11 +306,13 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
                         val=f"{val_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
       pending, window_start, window_tokens = [], time.perf_counter(), 0
     if checkpoint:
+      nnx.update((model, optimizer), state)
       checkpointer.save(step, model, optimizer, data_position=batches.position)
   if bar is not None:
     bar.close()
   if checkpointer is not None:
     checkpointer.close()
+  nnx.update((model, optimizer), state)
   return log.records
 
 
@@ -323,6 +353,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
       help=f"peak learning rate (default per optimizer: {DEFAULT_LEARNING_RATES})")
   add("--rank-fraction", type=float, default=defaults.rank_fraction,
       help="Dion / Orth-Dion rank as a fraction of min(fan_in, fan_out)")
+  add("--orthogonalize", choices=("cholesky_qr", "householder", "randomized_cholesky_qr"),
+      default=None, help="Dion / Orth-Dion QR method (default: the library's)")
   add("--schedule", choices=SCHEDULES, default=defaults.schedule)
   add("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
   add("--weight-decay", type=float, default=defaults.weight_decay,

@@ -86,24 +86,18 @@ def _tiny_config(tmp_path, **overrides) -> train_lib.TrainConfig:
   return train_lib.TrainConfig(**{**defaults, **overrides})
 
 
-def _model_and_optimizer(config: train_lib.TrainConfig, mesh) -> tuple:
-  model = train_lib.Transformer(config.model_config(), rngs=nnx.Rngs(config.seed))
-  optimizer = nnx.Optimizer(model, train_lib.make_optimizer(config), wrt=nnx.Param)
-  for module in (model, optimizer):
-    nnx.update(module, train_lib.replicate(nnx.state(module), mesh))
-  return model, optimizer
-
-
 def _take_steps(model, optimizer, config, n: int) -> None:
   rng = np.random.default_rng(0)
+  graphdef, state = nnx.split((model, optimizer))
   for _ in range(n):
     tokens = rng.integers(0, 256, size=(config.batch_size, config.seq_len + 1), dtype=np.int32)
-    train_lib.train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:])
+    state, _, _ = train_lib.train_step(graphdef, state, tokens[:, :-1], tokens[:, 1:])
+  nnx.update((model, optimizer), state)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
   config = _tiny_config(tmp_path, mesh_data=2)
-  model, optimizer = _model_and_optimizer(config, train_lib.make_mesh(config))
+  model, optimizer = train_lib.build(config, train_lib.make_mesh(config))
   _take_steps(model, optimizer, config, 3)
   checkpointer = Checkpointer(tmp_path / "ckpt")
   checkpointer.save(3, model, optimizer, data_position=3)
@@ -111,7 +105,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
   other = _tiny_config(tmp_path, mesh_data=4, mesh_fsdp=2, seed=1)
   mesh = train_lib.make_mesh(other)
-  restored_model, restored_optimizer = _model_and_optimizer(other, mesh)
+  restored_model, restored_optimizer = train_lib.build(other, mesh)
   assert Checkpointer(tmp_path / "ckpt").restore_latest(restored_model, restored_optimizer) == 3
   for saved, restored in ((model, restored_model), (optimizer, restored_optimizer)):
     chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(saved)),
@@ -127,12 +121,12 @@ def test_restore_onto_a_different_mesh(tmp_path):
 def test_mismatched_checkpoint_is_refused_with_the_path(tmp_path, change, path):
   config = _tiny_config(tmp_path)
   mesh = train_lib.make_mesh(config)
-  model, optimizer = _model_and_optimizer(config, mesh)
+  model, optimizer = train_lib.build(config, mesh)
   checkpointer = Checkpointer(tmp_path / "ckpt")
   checkpointer.save(0, model, optimizer, data_position=0)
   checkpointer.close()
 
-  other_model, other_optimizer = _model_and_optimizer(_tiny_config(tmp_path, **change), mesh)
+  other_model, other_optimizer = train_lib.build(_tiny_config(tmp_path, **change), mesh)
   with pytest.raises(CheckpointMismatchError, match=path) as error:
     Checkpointer(tmp_path / "ckpt").restore_latest(other_model, other_optimizer)
   assert "the model expects" in str(error.value)
