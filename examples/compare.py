@@ -1,7 +1,7 @@
 """The paper's comparison at CPU scale: AdamW, Muon, Dion and Orth-Dion at rank fractions 1/2, 1/4
 and 1/8 on one small byte-level transformer, same data, steps and seeds for all.
 
-    python -m examples.compare                      # the default budget: about 20 min on 2 CPU cores
+    python -m examples.compare                 # the default budget: about 20 min on 2 CPU cores
     python -m examples.compare --steps 600 --seeds 3 --json runs/compare.json
 
 Procedure, identical for every optimizer ("arm"):
@@ -34,6 +34,7 @@ import optax
 
 from examples import data as data_lib
 from examples import train as train_lib
+from examples.model import ModelConfig
 
 RANK_FRACTIONS = (0.5, 0.25, 0.125)
 
@@ -100,20 +101,20 @@ class Runner:
     self.base, self.corpus, self.out, self.log = base, corpus, out, log
     self.optimizers: dict[Arm, optax.GradientTransformation] = {}
 
+  def _config(self, arm: Arm, lr, seed: int) -> train_lib.TrainConfig:
+    return dataclasses.replace(self.base, optimizer=arm.optimizer, lr=lr, seed=seed,
+                               rank_fraction=arm.rank_fraction or 1.0)
+
   def _optimizer(self, arm: Arm) -> optax.GradientTransformation:
     if arm not in self.optimizers:
-      build = lambda peak_lr: train_lib.make_optimizer(dataclasses.replace(
-          self.base, optimizer=arm.optimizer, rank_fraction=arm.rank_fraction or 1.0,
-          lr=peak_lr, seed=0))
+      build = lambda peak_lr: train_lib.make_optimizer(self._config(arm, peak_lr, seed=0))
       self.optimizers[arm] = optax.inject_hyperparams(build)(peak_lr=1.0)
     return self.optimizers[arm]
 
   def __call__(self, arm: Arm, lr: float, seed: int) -> Run:
     start = time.perf_counter()
-    config = dataclasses.replace(
-        self.base, optimizer=arm.optimizer, rank_fraction=arm.rank_fraction or 1.0, lr=lr,
-        seed=seed, out=str(self.out / arm.name.replace(" ", "_").replace("/", "") /
-                           f"lr{lr:.4g}_seed{seed}"))
+    directory = self.out / arm.name.replace(" ", "_").replace("/", "") / f"lr{lr:.4g}_seed{seed}"
+    config = dataclasses.replace(self._config(arm, lr, seed), out=str(directory))
     records = train_lib.train(config, self.corpus, tx=self._optimizer(arm))
     final = [r["val_loss"] for r in records if "val_loss" in r][-1]
     run = Run(lr, seed, final if math.isfinite(final) else math.inf, records)
@@ -233,7 +234,7 @@ def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add = parser.add_argument
-  add("--steps", type=int, default=200)
+  add("--steps", type=int, default=300)
   add("--batch-size", type=int, default=16)
   add("--seq-len", type=int, default=64)
   add("--d-model", type=int, default=64)
@@ -244,11 +245,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       default="householder",
       help="QR of Dion's and Orth-Dion's factors; all give the same positive-diagonal factor, "
            "and Householder (LAPACK) is the fastest on CPU")
-  add("--seeds", type=int, default=2, help="reporting seeds per arm, at least 2")
+  add("--seeds", type=int, default=3, help="reporting seeds per arm, at least 2")
   add("--sweep-seed", type=int, default=0)
   add("--grid-points", type=int, default=5)
-  add("--grid-factor", type=float, default=2.0)
-  add("--max-extensions", type=int, default=2)
+  add("--grid-factor", type=float, default=2**0.5)
+  add("--max-extensions", type=int, default=3)
   add("--arms", nargs="+", default=None, metavar="ARM",
       help=f"a subset of: {', '.join(arm.name.replace(' ', '@') for arm in ARMS)}")
   add("--data", default=None)
@@ -267,8 +268,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   out = pathlib.Path(args.out)
   arms = [arm for arm in ARMS if args.arms is None or arm.name.replace(" ", "@") in args.arms]
   base = train_lib.TrainConfig(
-      steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, d_model=args.d_model,
-      n_layers=args.n_layers, n_heads=args.n_heads, schedule=args.schedule, data=args.data,
+      steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+      model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                        mlp_hidden=3 * args.d_model),
+      schedule=args.schedule, data=args.data,
       orthogonalize=args.orthogonalize,
       eval_every=max(1, args.steps // 4), eval_tokens=16_384, log_every=50, checkpoint_every=0,
       progress=False)
@@ -292,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   json_path = pathlib.Path(args.json or out / "results.json")
   json_path.parent.mkdir(parents=True, exist_ok=True)
   json_path.write_text(json.dumps({
-      "settings": {**vars(args), "model": dataclasses.asdict(base.model_config()),
+      "settings": {**vars(args), "model": dataclasses.asdict(base.model),
                    "reporting_seeds": seeds},
       "arms": [result.summary() for result in results.values()],
       "orth_dion_vs_dion": comparison,

@@ -21,11 +21,10 @@ VOCAB_SIZE = 256  # bytes
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  d_model: int = 128
-  n_layers: int = 4
-  n_heads: int = 4
-  mlp_hidden: int = 384
-  max_seq_len: int = 256
+  d_model: int = 96
+  n_layers: int = 3
+  n_heads: int = 3
+  mlp_hidden: int = 288
   rope_base: float = 10_000.0
 
   def __post_init__(self):
@@ -107,10 +106,7 @@ class Transformer(nnx.Module):
                               kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    seq_len = tokens.shape[1]
-    if seq_len > self.config.max_seq_len:
-      raise ValueError(f"sequence of {seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
-    cos, sin = rotary_tables(seq_len, self.config.head_dim, self.config.rope_base)
+    cos, sin = rotary_tables(tokens.shape[1], self.config.head_dim, self.config.rope_base)
     x = self.embed(tokens)
     for block in self.blocks:
       x = block(x, cos, sin)

@@ -1,9 +1,9 @@
 """Train a byte-level transformer language model with Orth-Dion (or Dion, Muon, AdamW).
 
-    python -m examples.train                        # Orth-Dion on the stdlib's sources, a few minutes on CPU
+    python -m examples.train                # Orth-Dion on the standard library's sources
     python -m examples.train --optimizer dion --rank-fraction 0.125
     python -m examples.train --data my_texts/ --steps 2000 --d-model 256 --n-layers 6
-    python -m examples.train --resume               # continue from the latest checkpoint
+    python -m examples.train --resume       # continue from the latest checkpoint in --out
 
 Writes to --out (default runs/<optimizer>): metrics.jsonl (one JSON record per step, and one per
 validation), loss.png, and orbax checkpoints under checkpoints/. The hidden weight matrices
@@ -34,7 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 import orth_dion_jax
 from examples import data as data_lib
 from examples.checkpointing import Checkpointer
-from examples.model import ModelConfig, Transformer, cross_entropy, dimension_numbers, hidden_matrix_mask
+from examples.model import (ModelConfig, Transformer, cross_entropy, dimension_numbers,
+                            hidden_matrix_mask)
 
 OPTIMIZERS = ("orth_dion", "dion", "muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -52,10 +53,7 @@ class TrainConfig:
   schedule: str = "cosine"
   warmup_steps: int | None = None  # None: 5% of the steps
   weight_decay: float = 0.01
-  d_model: int = 96
-  n_layers: int = 3
-  n_heads: int = 3
-  mlp_hidden: int | None = None  # None: 3 * d_model
+  model: ModelConfig = ModelConfig()
   steps: int = 300
   batch_size: int = 16
   seq_len: int = 128
@@ -81,10 +79,6 @@ class TrainConfig:
   def out_dir(self) -> pathlib.Path:
     return pathlib.Path(self.out or os.path.join("runs", self.optimizer))
 
-  def model_config(self) -> ModelConfig:
-    return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-                       mlp_hidden=self.mlp_hidden or 3 * self.d_model, max_seq_len=self.seq_len)
-
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
   """Linear warmup to the peak, then one of: cosine decay towards 0 ("cosine"), the peak
@@ -106,10 +100,11 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """The chosen optimizer on the hidden matrices; AdamW without decay on everything else.
+  """The chosen optimizer for the hidden matrices (with decoupled weight decay), and AdamW without
+  weight decay for the embedding, head and norm scales.
 
-  Muon, Dion and Orth-Dion share the AdamW settings of the Dion reference (betas 0.95, 0.98) and
-  its learning rate, so that they differ only in the matrix step.
+  Muon, Dion and Orth-Dion give those the AdamW of the Dion reference (betas 0.95, 0.98) at their
+  own learning rate, so that they differ only in the matrix step.
   """
   lr = learning_rate_schedule(config)
   wd = config.weight_decay
@@ -215,7 +210,7 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh,
   a "peak_lr" hyperparameter (compare.py's), that is set to `config.peak_lr`: runs that share
   such a `tx` and differ only in learning rate or seed then share one compiled train step.
   """
-  model = Transformer(config.model_config(), rngs=nnx.Rngs(config.seed))
+  model = Transformer(config.model, rngs=nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, make_optimizer(config) if tx is None else tx, wrt=nnx.Param)
   hyperparams = getattr(optimizer.opt_state, "hyperparams", {})
   if "peak_lr" in hyperparams:
@@ -323,7 +318,8 @@ def plot_losses(curves: dict[str, list[dict]], path: pathlib.Path, title: str = 
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for (name, records), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for (name, records), color in zip(curves.items(), colors * (1 + len(curves) // len(colors))):
     train_records = [r for r in records if "loss" in r]
     val_records = [r for r in records if "val_loss" in r]
     losses = np.array([r["loss"] for r in train_records])
@@ -359,9 +355,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
   add("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
   add("--weight-decay", type=float, default=defaults.weight_decay,
       help="decoupled weight decay of the hidden matrices")
-  add("--d-model", type=int, default=defaults.d_model)
-  add("--n-layers", type=int, default=defaults.n_layers)
-  add("--n-heads", type=int, default=defaults.n_heads)
+  add("--d-model", type=int, default=defaults.model.d_model)
+  add("--n-layers", type=int, default=defaults.model.n_layers)
+  add("--n-heads", type=int, default=defaults.model.n_heads)
   add("--mlp-hidden", type=int, default=None, help="default: 3 * d_model")
   add("--steps", type=int, default=defaults.steps)
   add("--batch-size", type=int, default=defaults.batch_size)
@@ -380,7 +376,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
   add("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="0: never")
   add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
   add("--no-progress", dest="progress", action="store_false")
-  return TrainConfig(**vars(parser.parse_args(argv)))
+  args = vars(parser.parse_args(argv))
+  d_model = args.pop("d_model")
+  model = ModelConfig(d_model=d_model, n_layers=args.pop("n_layers"), n_heads=args.pop("n_heads"),
+                      mlp_hidden=args.pop("mlp_hidden") or 3 * d_model)
+  return TrainConfig(model=model, **args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -399,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   plot_losses({config.optimizer: records}, config.out_dir / "loss.png",
               title=f"{config.optimizer}, byte-level LM")
   print(f"validation loss after {final['step']} steps: {final['val_loss']:.3f} nats/byte "
-        f"({final['val_loss'] / math.log(2):.2f} bits/byte); unigram entropy: {entropy:.3f} nats/byte")
+        f"({final['val_loss'] / math.log(2):.2f} bits/byte); unigram entropy: {entropy:.3f} "
+        "nats/byte")
   print(f"metrics: {config.out_dir / 'metrics.jsonl'}, plot: {config.out_dir / 'loss.png'}")
 
 

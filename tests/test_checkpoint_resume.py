@@ -1,8 +1,8 @@
 """Checkpointing of the example: a run killed with SIGKILL and resumed reproduces the uninterrupted
 run's losses exactly; a checkpoint restores onto another mesh; a mismatched one is refused."""
 
+import dataclasses
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -17,7 +17,9 @@ from flax import nnx
 
 from examples import train as train_lib
 from examples.checkpointing import CheckpointMismatchError, Checkpointer
+from examples.model import ModelConfig
 
+TINY_MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=96)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 60
 CHECKPOINT_EVERY = 8
@@ -43,7 +45,9 @@ def _records(out: pathlib.Path) -> list[dict]:
 def _committed_steps(out: pathlib.Path) -> list[int]:
   # orbax writes into a temporary directory and renames it to the bare step number when done.
   directory = out / "checkpoints"
-  return [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+  if not directory.exists():
+    return []
+  return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
 
 
 def _finish(process: subprocess.Popen) -> None:
@@ -60,8 +64,8 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_losses(tmp_path):
   victim = _start(tmp_path / "killed")
   # Kill once a checkpoint is committed and training has moved past it.
   deadline = time.monotonic() + 600
-  while not (_committed_steps(tmp_path / "killed")
-             and any(r.get("step", 0) > CHECKPOINT_EVERY + 2 for r in _records(tmp_path / "killed"))):
+  while not (_committed_steps(tmp_path / "killed") and
+             any(r.get("step", 0) > CHECKPOINT_EVERY + 2 for r in _records(tmp_path / "killed"))):
     assert victim.poll() is None, victim.communicate()[0].decode()
     assert time.monotonic() < deadline
     time.sleep(0.02)
@@ -80,7 +84,7 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_losses(tmp_path):
 
 
 def _tiny_config(tmp_path, **overrides) -> train_lib.TrainConfig:
-  defaults = dict(optimizer="dion", d_model=32, n_layers=1, n_heads=2, seq_len=16, batch_size=8,
+  defaults = dict(optimizer="dion", model=TINY_MODEL, seq_len=16, batch_size=8,
                   steps=3, out=str(tmp_path), checkpoint_every=0,
                   progress=False)
   return train_lib.TrainConfig(**{**defaults, **overrides})
@@ -115,7 +119,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 
 @pytest.mark.parametrize("change, path", [
-    (dict(d_model=48), "model/embed/embedding"),
+    (dict(model=dataclasses.replace(TINY_MODEL, d_model=48)), "model/embed/embedding"),
     (dict(rank_fraction=0.125), "right_factor"),
 ])
 def test_mismatched_checkpoint_is_refused_with_the_path(tmp_path, change, path):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from examples import compare
 from examples import data as data_lib
 from examples import train as train_lib
 
@@ -59,3 +60,18 @@ def test_batches_resume_from_their_position():
   np.testing.assert_array_equal(next(resumed)[0], skipped[3][0])
   inputs, targets = skipped[0]
   np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+
+
+@pytest.mark.parametrize("true_best, found, edge, n_runs", [
+    (0.04, 0.04, None, 5),    # inside the grid 0.01 ... 0.16
+    (0.01, 0.01, None, 6),    # at its low end: one more point below shows it is the best
+    (1.28, 0.64, "high", 7),  # beyond two extensions: reported as an edge hit
+])
+def test_compare_sweep_grows_its_grid_towards_the_best_rate(true_best, found, edge, n_runs):
+  def fake_runner(arm, lr, seed):
+    return compare.Run(lr, seed, val_loss=(np.log2(lr) - np.log2(true_best)) ** 2, records=[])
+
+  runs, best, at_edge = compare.sweep(fake_runner, compare.Arm("adamw"), center=0.04, points=5,
+                                      factor=2.0, max_extensions=2, seed=0)
+  assert (best, at_edge, len(runs)) == (pytest.approx(found), edge, n_runs)
+  assert [run.lr for run in runs] == sorted(run.lr for run in runs)
