@@ -242,9 +242,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--n-heads", type=int, default=2)
   add("--schedule", choices=train_lib.SCHEDULES, default="cosine")
   add("--orthogonalize", choices=("cholesky_qr", "householder", "randomized_cholesky_qr"),
-      default="householder",
-      help="QR of Dion's and Orth-Dion's factors; all give the same positive-diagonal factor, "
-           "and Householder (LAPACK) is the fastest on CPU")
+      default=None, help="QR method of Dion's and Orth-Dion's factors (default: the library's)")
   add("--seeds", type=int, default=3, help="reporting seeds per arm, at least 2")
   add("--sweep-seed", type=int, default=0)
   add("--grid-points", type=int, default=5)
