@@ -79,7 +79,7 @@ class Checkpointer:
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         _pure_state(model, optimizer))
-    check_compatible(self.manager.item_metadata(step)["state"], target,
+    check_compatible(self.manager.metadata(step).item_metadata["state"], target,
                      where=f"{self.directory / str(step)}")
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))

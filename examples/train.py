@@ -311,8 +311,10 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
   return log.records
 
 
-def plot_losses(curves: dict[str, list[dict]], path: pathlib.Path, title: str = "") -> None:
-  """Training loss (moving average) as lines and validation loss as markers, one colour a run."""
+def plot_losses(curves: dict[str, list[dict]], path: pathlib.Path, title: str = "",
+                unigram_entropy: float | None = None) -> None:
+  """Training loss (moving average) as lines and validation loss as markers, one colour a run;
+  a dotted line at the unigram entropy, the loss of a model that ignores context."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -329,6 +331,8 @@ def plot_losses(curves: dict[str, list[dict]], path: pathlib.Path, title: str = 
             label=f"{name} (train)")
     ax.plot([r["step"] for r in val_records], [r["val_loss"] for r in val_records], "o--",
             color=color, ms=3.5, lw=0.8, label=f"{name} (val)")
+  if unigram_entropy is not None:
+    ax.axhline(unigram_entropy, color="gray", ls=":", label="unigram entropy")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats / byte)")
   ax.set_title(title)
@@ -397,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   records = train(config, corpus)
   final = [r for r in records if "val_loss" in r][-1]
   plot_losses({config.optimizer: records}, config.out_dir / "loss.png",
-              title=f"{config.optimizer}, byte-level LM")
+              title=f"{config.optimizer}, byte-level LM", unigram_entropy=entropy)
   print(f"validation loss after {final['step']} steps: {final['val_loss']:.3f} nats/byte "
         f"({final['val_loss'] / math.log(2):.2f} bits/byte); unigram entropy: {entropy:.3f} "
         "nats/byte")
