@@ -5,11 +5,12 @@ and 1/8 on one small byte-level transformer, same data, steps and seeds for all.
     python -m examples.compare --steps 600 --seeds 3 --json runs/compare.json
 
 Procedure, identical for every optimizer ("arm"):
-  1. Learning-rate sweep on the sweep seed: a geometric grid of --grid-points rates, a factor
-     --grid-factor apart, centred on the optimizer's default rate. While the lowest final
-     validation loss sits at an end of the grid, the grid grows by one rate at that end (at most
-     --max-extensions times); a best rate still at an end is reported as an edge hit.
-  2. The best rate is rerun on --seeds fresh seeds (not the sweep seed, so the reported losses are
+  1. Learning-rate sweep on --sweep-seeds seeds: a geometric grid of --grid-points rates, a factor
+     --grid-factor apart, centred on the optimizer's default rate, scored by the mean final
+     validation loss over those seeds. While the best score sits at an end of the grid, the grid
+     grows by one rate at that end (at most --max-extensions times); a best rate still at an end is
+     reported as an edge hit.
+  2. The best rate is rerun on --seeds fresh seeds (not the sweep seeds, so the reported losses are
      independent of the selection). A seed sets the model's initialization and the batch order.
   3. Reported per arm: final validation loss (mean and sample std over seeds), and for Dion and
      Orth-Dion nu = ||P Q^T||_op (mean over matrices and steps, and its maximum). Per rank:
@@ -68,9 +69,19 @@ class Run:
 
 
 @dataclasses.dataclass
+class SweepPoint:
+  lr: float
+  runs: list[Run]  # one per sweep seed
+
+  @property
+  def val_loss(self) -> float:
+    return float(np.mean([run.val_loss for run in self.runs]))
+
+
+@dataclasses.dataclass
 class ArmResult:
   arm: Arm
-  sweep: list[Run]
+  sweep: list[SweepPoint]
   best_lr: float
   edge: str | None  # "low" or "high" when the best rate is still at an end of the grid
   runs: list[Run]  # the best rate on the reporting seeds
@@ -84,7 +95,8 @@ class ArmResult:
     return {
         "arm": self.arm.name, "optimizer": self.arm.optimizer,
         "rank_fraction": self.arm.rank_fraction, "best_lr": self.best_lr, "edge": self.edge,
-        "sweep": [{"lr": run.lr, "val_loss": run.val_loss} for run in self.sweep],
+        "sweep": [{"lr": point.lr, "val_loss": point.val_loss,
+                   "val_losses": [run.val_loss for run in point.runs]} for point in self.sweep],
         "seeds": [run.seed for run in self.runs], "val_losses": self.losses.tolist(),
         "val_loss_mean": float(self.losses.mean()),
         "val_loss_std": float(self.losses.std(ddof=1)) if len(self.runs) > 1 else 0.0,
@@ -124,19 +136,24 @@ class Runner:
 
 
 def sweep(runner: Runner, arm: Arm, *, center: float, points: int, factor: float,
-          max_extensions: int, seed: int) -> tuple[list[Run], float, str | None]:
-  """Grid search with growth at an end that holds the best rate; returns (runs, best, edge)."""
-  exponents = list(range(-(points // 2), points - points // 2))
-  runs = {k: runner(arm, center * factor**k, seed) for k in exponents}
+          max_extensions: int, seeds: Sequence[int]
+          ) -> tuple[list[SweepPoint], float, str | None]:
+  """Grid search that grows at an end holding the best rate; returns (grid, best, edge)."""
+
+  def point(k: int) -> SweepPoint:
+    lr = center * factor**k
+    return SweepPoint(lr, [runner(arm, lr, seed) for seed in seeds])
+
+  grid = {k: point(k) for k in range(-(points // 2), points - points // 2)}
   for _ in range(max_extensions):
-    best = min(runs, key=lambda k: runs[k].val_loss)
-    if best not in (min(runs), max(runs)):
+    best = min(grid, key=lambda k: grid[k].val_loss)
+    if best not in (min(grid), max(grid)):
       break
-    k = best - 1 if best == min(runs) else best + 1
-    runs[k] = runner(arm, center * factor**k, seed)
-  best = min(runs, key=lambda k: runs[k].val_loss)
-  edge = "low" if best == min(runs) else "high" if best == max(runs) else None
-  return [runs[k] for k in sorted(runs)], runs[best].lr, edge
+    k = best - 1 if best == min(grid) else best + 1
+    grid[k] = point(k)
+  best = min(grid, key=lambda k: grid[k].val_loss)
+  edge = "low" if best == min(grid) else "high" if best == max(grid) else None
+  return [grid[k] for k in sorted(grid)], grid[best].lr, edge
 
 
 def orth_dion_vs_dion(results: dict[str, ArmResult]) -> list[dict]:
@@ -204,8 +221,8 @@ def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
   fig, (ax_sweep, ax_curve, ax_nu) = plt.subplots(1, 3, figsize=(17, 5))
   colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for name, result in results.items():
-    sweep_losses = [min(run.val_loss, 10.0) for run in result.sweep]
-    ax_sweep.plot([run.lr for run in result.sweep], sweep_losses, "o-", color=colors[name],
+    sweep_losses = [min(point.val_loss, 10.0) for point in result.sweep]
+    ax_sweep.plot([point.lr for point in result.sweep], sweep_losses, "o-", color=colors[name],
                   label=name)
     val = np.array([[r["val_loss"] for r in run.records if "val_loss" in r] for run in result.runs])
     steps = [r["step"] for r in result.runs[0].records if "val_loss" in r]
@@ -214,7 +231,7 @@ def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
       nu = np.array([[r["nu_mean"] for r in run.records if "nu_mean" in r] for run in result.runs])
       ax_nu.plot(np.arange(1, nu.shape[1] + 1), nu.mean(axis=0), color=colors[name], label=name,
                  ls="-" if result.arm.optimizer == "orth_dion" else "--")
-  ax_sweep.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (sweep seed)",
+  ax_sweep.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (sweep seeds)",
                title="learning-rate sweep")
   ax_curve.set(xlabel="step", ylabel="val loss (mean over seeds)",
                title="validation loss at the best rate")
@@ -244,7 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--orthogonalize", choices=("cholesky_qr", "householder", "randomized_cholesky_qr"),
       default=None, help="QR method of Dion's and Orth-Dion's factors (default: the library's)")
   add("--seeds", type=int, default=3, help="reporting seeds per arm, at least 2")
-  add("--sweep-seed", type=int, default=0)
+  add("--sweep-seeds", type=int, default=1, help="seeds each learning rate of the sweep runs on")
   add("--grid-points", type=int, default=5)
   add("--grid-factor", type=float, default=2**0.5)
   add("--max-extensions", type=int, default=3)
@@ -278,13 +295,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"unigram entropy of the corpus {data_lib.unigram_entropy(corpus[0]):.3f} nats/byte",
         flush=True)
   runner = Runner(base, corpus, out, log=lambda line: print(line, flush=True))
-  seeds = [args.sweep_seed + 1 + i for i in range(args.seeds)]
+  sweep_seeds = list(range(args.sweep_seeds))
+  seeds = [args.sweep_seeds + i for i in range(args.seeds)]
   results = {}
   for arm in arms:
     grid, best_lr, edge = sweep(
         runner, arm, center=train_lib.DEFAULT_LEARNING_RATES[arm.optimizer],
         points=args.grid_points, factor=args.grid_factor, max_extensions=args.max_extensions,
-        seed=args.sweep_seed)
+        seeds=sweep_seeds)
     results[arm.name] = ArmResult(arm, grid, best_lr, edge,
                                   [runner(arm, best_lr, seed) for seed in seeds])
 
@@ -294,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   json_path.parent.mkdir(parents=True, exist_ok=True)
   json_path.write_text(json.dumps({
       "settings": {**vars(args), "model": dataclasses.asdict(base.model),
-                   "reporting_seeds": seeds},
+                   "sweep_seeds": sweep_seeds, "reporting_seeds": seeds},
       "arms": [result.summary() for result in results.values()],
       "orth_dion_vs_dion": comparison,
       "elapsed_s": time.perf_counter() - started,

@@ -71,7 +71,8 @@ def test_compare_sweep_grows_its_grid_towards_the_best_rate(true_best, found, ed
   def fake_runner(arm, lr, seed):
     return compare.Run(lr, seed, val_loss=(np.log2(lr) - np.log2(true_best)) ** 2, records=[])
 
-  runs, best, at_edge = compare.sweep(fake_runner, compare.Arm("adamw"), center=0.04, points=5,
-                                      factor=2.0, max_extensions=2, seed=0)
-  assert (best, at_edge, len(runs)) == (pytest.approx(found), edge, n_runs)
-  assert [run.lr for run in runs] == sorted(run.lr for run in runs)
+  grid, best, at_edge = compare.sweep(fake_runner, compare.Arm("adamw"), center=0.04, points=5,
+                                      factor=2.0, max_extensions=2, seeds=[0, 1])
+  assert (best, at_edge, len(grid)) == (pytest.approx(found), edge, n_runs)
+  assert [point.lr for point in grid] == sorted(point.lr for point in grid)
+  assert all([run.seed for run in point.runs] == [0, 1] for point in grid)
