@@ -184,7 +184,8 @@ class MetricsLog:
     self.path = path
     self.records = []
     if resume_step is not None and path.exists():
-      lines = path.read_text().splitlines()
+      # A run killed while writing leaves its last line cut short: complete lines end in "}".
+      lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
       self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
