@@ -3,7 +3,8 @@
 The paper's dual-norm measure is ``nu = ||P Q^T||_op``. ``P`` has orthonormal
 columns, so ``nu = ||Q||_op``: it is read off the right factor in the state,
 with no extra work in the optimizer step. Orth-Dion gives nu = 1 (Q is
-orthonormal), Dion nu in [1, sqrt(r)] (its columns only have unit norm).
+orthonormal), Dion nu in [1, sqrt(r)] (its columns only have unit norm); a
+matrix whose last step captured nothing (P = 0) reports nu = 0.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
     captured = jax.tree.leaves(state.captured_fraction)
     skipped = jax.tree.leaves(state.nonfinite_count)
     for (path, q), c, s in zip(flat, captured, skipped):
-      q = _array(q)
+      q, c = _array(q), _array(c)
+      # A step that captured nothing had P = 0 (zero buffer, or no step yet):
+      # its update P Q^T is 0, whatever the kept warm start Q is.
       out[jax.tree_util.keystr(path)] = MatrixDiagnostics(
-          nu=spectral_norm(q), rank=q.shape[-1],
-          captured_fraction=_array(c), nonfinite_count=_array(s))
+          nu=jnp.where(c > 0, spectral_norm(q), 0.0), rank=q.shape[-1],
+          captured_fraction=c, nonfinite_count=_array(s))
   return out
 
 
