@@ -223,6 +223,9 @@ def test_zero_gradient_gives_zero_update_and_keeps_the_right_factor(
   chex.assert_trees_all_equal(new_state.right_factor, state.right_factor)
   chex.assert_trees_all_equal(new_state.momentum, zeros)
   chex.assert_tree_all_finite(new_state)
+  # The update is zero, so its spectral norm nu is 0, not that of the kept Q.
+  for diag in orth_dion_jax.matrix_diagnostics(new_state).values():
+    np.testing.assert_array_equal(np.asarray(diag.nu), 0.0)
 
 
 ORTH_DION = _low_rank_tx("qr")
