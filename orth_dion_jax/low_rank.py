@@ -87,12 +87,12 @@ def _other(axis: Literal["in", "out"]) -> Literal["in", "out"]:
   return "out" if axis == "in" else "in"
 
 
-def outer(left: Array, projected: Array, small_axis: Literal["in", "out"],
-          dtype) -> Array:
-  """P R^T (or P Q^T) in the layout view (n, fan_in, fan_out)."""
+def outer(left: Array, projected: Array,
+          small_axis: Literal["in", "out"]) -> Array:
+  """P R^T (or P Q^T) in the layout view (n, fan_in, fan_out), float32."""
   if small_axis == "in":   # P on fan-out, R on fan-in
-    return jnp.einsum("nir,nor->nio", projected, left).astype(dtype)
-  return jnp.einsum("nir,nor->nio", left, projected).astype(dtype)
+    return jnp.einsum("nir,nor->nio", projected, left)
+  return jnp.einsum("nir,nor->nio", left, projected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +228,7 @@ def error_feedback(
   so that ``B``'s buffer can be updated in place and ``P R^T`` is the only
   weight-sized temporary.
   """
-  captured = outer(factors.left, factors.projected, small_axis, jnp.float32)
+  captured = outer(factors.left, factors.projected, small_axis)
   new = residual_decay * b.astype(jnp.float32) - (
       residual_decay - captured_decay) * captured
   return new.astype(b.dtype)

@@ -217,7 +217,7 @@ def _finish(
   # weight-sized array: after B is formed nothing refers to the old momentum,
   # so B's buffer can become the new momentum in place.
   left = jnp.where(keep, factors.left, 0.0)
-  direction = low_rank.outer(left, factors.right, spec.small_axis, jnp.float32)
+  direction = low_rank.outer(left, factors.right, spec.small_axis)
   update = (spec.scale * direction).astype(grad_dtype)
   q = old_right_factor.reshape(factors.right.shape)
   new_q = jnp.where(keep, factors.right, q)
