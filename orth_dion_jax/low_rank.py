@@ -32,7 +32,6 @@ from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from orth_dion_jax import orthogonalize as orth
 from orth_dion_jax.collectives import Collectives, SINGLE_DEVICE
@@ -43,10 +42,17 @@ RIGHT_FACTORS = ("qr", "column")
 
 
 class LowRankFactors(NamedTuple):
-  """One step's factors; leading axis is the batch of matrices."""
+  """One step's factors; leading axis is the batch of matrices.
+
+  ``left`` and ``projected`` are never masked (a masked copy of ``P`` would
+  be a second ``big x r`` array): consumers weight ``P R^T`` and ``P Q^T`` by
+  ``moved``, a per-matrix scalar that the compiler folds into the
+  elementwise pass that consumes the product.
+  """
   left: Array          # P, (batch, big, r) float32, orthonormal columns
   projected: Array     # R = B^T P, (batch, small, r) float32
-  right: Array         # new Q, (batch, small, r) float32
+  right: Array         # new Q, (batch, small, r) float32 (the old Q if ~moved)
+  moved: Array         # (batch, 1, 1) float32: 1, or 0 where B Q = 0
 
 
 def _contract(b: Array, f: Array, axis: Literal["in", "out"]) -> Array:
@@ -97,26 +103,25 @@ def _grouped_orthonormalize(
 ) -> list[Array]:
   """Orthonormalizes (or column-normalizes) a list of (n, k, r) factors.
 
-  Factors of the same (k, r) and the same collectives are stacked and done as
-  one batched computation: one Cholesky / QR call for all the same-shaped
-  matrices of a model instead of a small kernel each. The stack copies only
-  (k, r) factors, never a weight-sized array.
+  Factors of the same r and the same collectives are done together
+  (``orthogonalize.orthonormalize_many``): one batched Cholesky / inverse for
+  all the matrices of a model that share a rank, instead of a small kernel
+  each, without copying a factor into a stack.
   """
+  if right_factor == "column":
+    return [orth.normalize_columns(a, eps, rows=c.big if on_big_side
+                                   else c.small)
+            for a, c in zip(arrays, collectives)]
   groups: dict[tuple, list[int]] = {}
   for i, (a, c) in enumerate(zip(arrays, collectives)):
-    groups.setdefault((a.shape[1:], c), []).append(i)
+    groups.setdefault((a.shape[-1], c), []).append(i)
   out: list[Array | None] = [None] * len(arrays)
   for g, ((_, c), members) in enumerate(groups.items()):
-    stacked = jnp.concatenate([arrays[i] for i in members], axis=0)
-    rows = c.big if on_big_side else c.small
-    if right_factor == "column":
-      result = orth.normalize_columns(stacked, eps, rows=rows)
-    else:
-      result = orth.orthonormalize(
-          stacked, method, key=jax.random.fold_in(key, g), rows=rows)
-    offsets = np.cumsum([arrays[i].shape[0] for i in members])[:-1]
-    for i, part in zip(members, jnp.split(result, offsets, axis=0)):
-      out[i] = part
+    results = orth.orthonormalize_many(
+        [arrays[i] for i in members], method, key=jax.random.fold_in(key, g),
+        rows=c.big if on_big_side else c.small)
+    for i, q in zip(members, results):
+      out[i] = q
   return out
 
 
@@ -151,6 +156,8 @@ def power_iteration(
     ys = [c.replicas.mean(c.small.sum(_contract(
         t.buffer, orth.column_prescale(q, c.small), t.small_axis)))
           for t, q, c in zip(tasks, qs, colls)]
+    # Taken now, so that nothing holds on to B Q once it is orthonormalized.
+    zeros = [_all_zero(y, c) for y, c in zip(ys, colls)]
     ps = _grouped_orthonormalize(
         ys, colls, on_big_side=True, method=config.orthogonalize,
         right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it))
@@ -161,14 +168,13 @@ def power_iteration(
         right_factor=config.right_factor, eps=eps,
         key=jax.random.fold_in(key, 2 * it + 1))
   results = []
-  for t, y, p, r, q, c in zip(tasks, ys, ps, rs, qs, colls):
+  for t, zero, p, r, q in zip(tasks, zeros, ps, rs, qs):
     # A zero buffer has no direction to follow: step nowhere, keep the warm
     # start (else P would be an arbitrary basis).
-    zero = _all_zero(y, c)
     results.append(LowRankFactors(
-        left=jnp.where(zero, 0.0, p),
-        projected=jnp.where(zero, 0.0, r),
-        right=jnp.where(zero, t.right_factor.astype(jnp.float32), q)))
+        left=p, projected=r,
+        right=jnp.where(zero, t.right_factor.astype(jnp.float32), q),
+        moved=jnp.where(zero, 0.0, 1.0)))
   return results
 
 
@@ -196,13 +202,14 @@ def error_feedback(
   The reference mu-form is ``(1, mu)``: ``M' = B - (1 - mu) P R^T``; the
   paper's analysed beta-form is ``(beta, 0)``: ``E' = beta (B - P P^T B)``.
   The decays may be per-matrix arrays broadcastable to ``(n, 1, 1)``.
-  Returned in ``b``'s dtype and layout view; written as ``a B - (a - c) P R^T``
-  so that ``B``'s buffer can be updated in place and ``P R^T`` is the only
-  weight-sized temporary.
+  Returned in ``b``'s dtype and layout view; written as
+  ``a B - (a - c) moved P R^T`` so that ``B``'s buffer can be updated in place
+  and ``P R^T`` is the only weight-sized temporary (the scalars join the
+  elementwise pass).
   """
   captured = outer(factors.left, factors.projected, small_axis)
-  new = residual_decay * b.astype(jnp.float32) - (
-      residual_decay - captured_decay) * captured
+  coefficient = (residual_decay - captured_decay) * factors.moved
+  new = residual_decay * b.astype(jnp.float32) - coefficient * captured
   return new.astype(b.dtype)
 
 
@@ -222,4 +229,5 @@ def captured_fraction(b: Array, factors: LowRankFactors,
       jnp.sum(jnp.square(b32 / scale[:, None, None]), axis=(-2, -1))))
   kept = c.small.sum(jnp.sum(
       jnp.square(factors.projected / scale[:, None, None]), axis=(-2, -1)))
+  kept = kept * factors.moved.reshape(kept.shape)
   return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 0.0)

@@ -11,6 +11,13 @@ right factor is ``Q = qr(R)`` with ``R = B^T P``, and its alignment with the
 buffer is ``<B, P Q^T> = trace(T)``. A plain Householder QR returns diagonal
 entries of either sign, so some modes would step uphill.
 
+Batching: ``orthonormalize_many`` takes the factors of many weights that share
+``r`` (their row counts ``k`` may differ). The ``k x r`` products run per
+factor, where they are large matmuls already; what is small and
+latency-bound, the ``r x r`` Gram matrices, their Cholesky factorizations and
+triangular inverses, runs as one batched call for all of them, and the
+factors themselves are never stacked (no ``k x r`` copies).
+
 Sharding: ``rows`` (a ``collectives.AxisGroup``) names the mesh axes over which
 the rows of ``A`` are split (none on one device). Cholesky-based methods only
 ever sum ``r x r`` Gram matrices and ``s x r`` sketches across devices; only
@@ -25,11 +32,13 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from orth_dion_jax.collectives import AxisGroup, NO_AXES
 
@@ -47,8 +56,23 @@ def _transpose(a: Array) -> Array:
   return jnp.swapaxes(a, -1, -2)
 
 
-def _gram(a: Array, rows: AxisGroup) -> Array:
-  return rows.sum(jnp.einsum("...kr,...ks->...rs", a, a))
+def _stacked(arrays: Sequence[Array]) -> Array:
+  """Concatenates small per-factor arrays along the leading batch axis."""
+  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
+
+
+def _unstacked(stacked: Array, like: Sequence[Array]) -> list[Array]:
+  """Splits the leading axis back into one piece per array of ``like``."""
+  offsets = np.cumsum([a.shape[0] for a in like])[:-1]
+  return list(jnp.split(stacked, offsets, axis=0)) if len(like) > 1 else [
+      stacked]
+
+
+def _grams(arrays: Sequence[Array], rows: AxisGroup) -> Array:
+  """A^T A of every factor, stacked: (sum of batches, r, r), one reduction
+  across ``rows`` for all of them."""
+  return rows.sum(_stacked(
+      [jnp.einsum("nkr,nks->nrs", a, a) for a in arrays]))
 
 
 def _positive_diagonal_signs(t: Array) -> Array:
@@ -57,19 +81,24 @@ def _positive_diagonal_signs(t: Array) -> Array:
   return jnp.where(d < 0, -1.0, 1.0).astype(t.dtype)
 
 
-def _times_inverse_upper(a: Array, upper: Array) -> Array:
-  """A T^-1 for upper-triangular T (r x r).
+def _inverse_upper(upper: Array) -> Array:
+  """T^-1 of a batch of upper-triangular r x r matrices.
 
-  The r x r inverse comes from a triangular solve against the identity and is
-  then applied as a matmul: on every backend a (k x r x r) matmul runs near
-  peak, while a k-row triangular solve is latency-bound. This is stable here
-  because CholeskyQR's second pass (or the fallback check) absorbs the error.
+  Applied afterwards as a matmul: on every backend a (k x r x r) matmul runs
+  near peak, while a k-row triangular solve is latency-bound. This is stable
+  here because CholeskyQR's second pass (or the fallback check) absorbs the
+  error.
   """
   r = upper.shape[-1]
   eye = jnp.broadcast_to(jnp.eye(r, dtype=upper.dtype), upper.shape)
-  inverse = jax.lax.linalg.triangular_solve(
-      upper, eye, left_side=True, lower=False)
-  return jnp.einsum("...kr,...rs->...ks", a, inverse)
+  return jax.lax.linalg.triangular_solve(upper, eye, left_side=True,
+                                         lower=False)
+
+
+def _times(arrays: Sequence[Array], stacked_square: Array) -> list[Array]:
+  """A_i M_i for each factor and its r x r piece of the stacked M."""
+  return [jnp.einsum("nkr,nrs->nks", a, m)
+          for a, m in zip(arrays, _unstacked(stacked_square, arrays))]
 
 
 def column_prescale(a: Array, rows: AxisGroup = NO_AXES) -> Array:
@@ -83,62 +112,76 @@ def column_prescale(a: Array, rows: AxisGroup = NO_AXES) -> Array:
   return a / jnp.where(col_max > 0, col_max, 1.0)
 
 
-def householder_qr(a: Array, rows: AxisGroup = NO_AXES) -> Array:
-  """Householder QR with the sign fix: Q of A = Q T with diag(T) >= 0.
-
-  Householder reflections need every row at once, so a row-split ``A`` is
-  gathered (a ``k x r`` factor, not a weight) and each device keeps its block.
-  """
+def _householder_one(a: Array, rows: AxisGroup) -> Array:
   q, t = jnp.linalg.qr(rows.gather(a, axis=-2), mode="reduced")
   return rows.local(q * _positive_diagonal_signs(t)[..., None, :], axis=-2)
 
 
-def _cholesky_qr_pass(a: Array, rows: AxisGroup) -> tuple[Array, Array]:
-  """One CholeskyQR pass; returns (Q, Gram of A)."""
-  gram = _gram(a, rows)
-  lower = jnp.linalg.cholesky(gram)
-  return _times_inverse_upper(a, _transpose(lower)), gram
+def householder_qr(arrays: Sequence[Array],
+                   rows: AxisGroup = NO_AXES) -> list[Array]:
+  """Householder QR with the sign fix: Q of A = Q T with diag(T) >= 0.
+
+  Householder reflections need every row at once, so a row-split ``A`` is
+  gathered (a ``k x r`` factor, not a weight) and each device keeps its block.
+  Factors of the same shape are stacked into one batched call.
+  """
+  by_shape: dict[tuple[int, ...], list[int]] = {}
+  for i, a in enumerate(arrays):
+    by_shape.setdefault(a.shape[1:], []).append(i)
+  out: list[Array | None] = [None] * len(arrays)
+  for members in by_shape.values():
+    group = [arrays[i] for i in members]
+    for i, q in zip(members, _unstacked(
+        _householder_one(_stacked(group), rows), group)):
+      out[i] = q
+  return out
 
 
-def _cholesky_qr2(a: Array, rows: AxisGroup) -> tuple[Array, Array]:
-  """CholeskyQR2; returns (Q, ok) where ok flags a trustworthy result."""
-  q1, _ = _cholesky_qr_pass(a, rows)
-  q2, gram1 = _cholesky_qr_pass(q1, rows)
-  return q2, _trustworthy(q2, gram1, rows)
+def _cholesky_qr_pass(arrays: Sequence[Array], rows: AxisGroup
+                      ) -> tuple[list[Array], Array]:
+  """One CholeskyQR pass; returns (Q per factor, the stacked Grams)."""
+  grams = _grams(arrays, rows)
+  upper = _transpose(jnp.linalg.cholesky(grams))
+  return _times(arrays, _inverse_upper(upper)), grams
 
 
-def _trustworthy(q: Array, gram: Array, rows: AxisGroup) -> Array:
-  """The last pass started from a nearly orthonormal matrix, and is finite.
+def _trustworthy(qs: Sequence[Array], gram: Array, rows: AxisGroup) -> Array:
+  """The last pass started from nearly orthonormal matrices, and is finite.
 
-  ``gram`` is the Gram matrix the last CholeskyQR pass factored; close to I it
-  means that pass was well conditioned, so its result is orthonormal to
-  working precision. The flag is the same on every device of ``rows`` (the
-  Gram matrix is already summed; the finiteness of ``Q`` is agreed on), as the
-  branch it selects may contain collectives.
+  ``gram`` holds the Gram matrices the last CholeskyQR pass factored; close
+  to I they mean that pass was well conditioned, so its result is orthonormal
+  to working precision. The flag is the same on every device of ``rows`` (the
+  Gram matrices are already summed; the finiteness of ``Q`` is agreed on), as
+  the branch it selects may contain collectives.
   """
   r = gram.shape[-1]
   deviation = jnp.max(jnp.abs(gram - jnp.eye(r, dtype=gram.dtype)))
   ok = jnp.isfinite(deviation) & (deviation < _MAX_GRAM_DEVIATION)
-  q_bad = rows.max(jnp.any(~jnp.isfinite(q)).astype(jnp.int32))
-  return ok & (q_bad == 0)
+  q_bad = functools.reduce(jnp.logical_or,
+                           [jnp.any(~jnp.isfinite(q)) for q in qs])
+  return ok & (rows.max(q_bad.astype(jnp.int32)) == 0)
 
 
-def _with_householder_fallback(q: Array, ok: Array, a: Array,
-                               rows: AxisGroup) -> Array:
-  # lax.cond on a scalar keeps the fallback free unless some matrix in the
+def _with_householder_fallback(qs: list[Array], ok: Array,
+                               arrays: Sequence[Array],
+                               rows: AxisGroup) -> list[Array]:
+  # lax.cond on a scalar keeps the fallback free unless some matrix of the
   # batch actually failed (a Cholesky NaN or a badly conditioned first pass).
-  return jax.lax.cond(ok, lambda: q, lambda: householder_qr(a, rows))
+  return jax.lax.cond(ok, lambda: qs, lambda: householder_qr(arrays, rows))
 
 
-def cholesky_qr(a: Array, *, rows: AxisGroup = NO_AXES) -> Array:
+def cholesky_qr(arrays: Sequence[Array], *,
+                rows: AxisGroup = NO_AXES) -> list[Array]:
   """CholeskyQR2 with a branch-free Householder fallback.
 
   ``T = chol(A^T A)^T``, ``Q = A T^{-1}``, done twice. Positive diagonal by
-  construction. Only matmuls and an ``r x r`` factorization: fast on
-  accelerators, and only the Gram matrix crosses devices.
+  construction. Only matmuls and ``r x r`` factorizations: fast on
+  accelerators, and only the Gram matrices cross devices.
   """
-  q, ok = _cholesky_qr2(a, rows)
-  return _with_householder_fallback(q, ok, a, rows)
+  q1, _ = _cholesky_qr_pass(arrays, rows)
+  q2, gram1 = _cholesky_qr_pass(q1, rows)
+  return _with_householder_fallback(q2, _trustworthy(q2, gram1, rows),
+                                    arrays, rows)
 
 
 def sketch_rows(rank: int, oversample: float = 1.25) -> int:
@@ -147,7 +190,8 @@ def sketch_rows(rank: int, oversample: float = 1.25) -> int:
 
 
 def randomized_cholesky_qr(
-    a: Array, key: Array, *, rows: AxisGroup = NO_AXES) -> Array:
+    arrays: Sequence[Array], key: Array, *,
+    rows: AxisGroup = NO_AXES) -> list[Array]:
   """Randomized Cholesky QR: a Gaussian sketch preconditions one CholeskyQR.
 
   ``S`` is ``(s, k)`` with entries N(0, 1/s); ``S A = Q_s T_s`` (sign-fixed),
@@ -159,18 +203,50 @@ def randomized_cholesky_qr(
   shared key and applies its own columns to its rows; the ``s x r`` partial
   sketches are summed, so the result equals the single-device one.
   """
-  k, r = a.shape[-2:]
-  s = sketch_rows(r)
-  sketch = jax.random.normal(key, (s, k * rows.size()),
-                             dtype=a.dtype) / math.sqrt(s)
-  sketched = rows.sum(jnp.einsum("sk,...kr->...sr",
-                                 rows.local(sketch, axis=-1), a))
-  _, t = jnp.linalg.qr(sketched, mode="reduced")
+  s = sketch_rows(arrays[0].shape[-1])
+  sketched = []
+  for i, a in enumerate(arrays):
+    sketch = jax.random.normal(jax.random.fold_in(key, i),
+                               (s, a.shape[-2] * rows.size()),
+                               dtype=a.dtype) / math.sqrt(s)
+    sketched.append(jnp.einsum("sk,nkr->nsr", rows.local(sketch, axis=-1), a))
+  _, t = jnp.linalg.qr(rows.sum(_stacked(sketched)), mode="reduced")
   t = t * _positive_diagonal_signs(t)[..., :, None]
   # With high probability A T_s^-1 is well conditioned (cond ~ 1), so one
   # CholeskyQR pass is enough; the check below catches the rare bad sketch.
-  q, gram = _cholesky_qr_pass(_times_inverse_upper(a, t), rows)
-  return _with_householder_fallback(q, _trustworthy(q, gram, rows), a, rows)
+  qs, gram = _cholesky_qr_pass(_times(arrays, _inverse_upper(t)), rows)
+  return _with_householder_fallback(qs, _trustworthy(qs, gram, rows),
+                                    arrays, rows)
+
+
+def orthonormalize_many(
+    arrays: Sequence[Array],
+    method: Method,
+    *,
+    key: Array | None = None,
+    rows: AxisGroup = NO_AXES,
+) -> list[Array]:
+  """``orthonormalize`` of factors ``(n_i, k_i, r)`` that share ``r``.
+
+  Their ``r x r`` work (Gram matrices, Cholesky factorizations, inverses, the
+  sketches' QR) runs as one batched computation; one fallback check covers
+  them all.
+  """
+  if method not in METHODS:
+    raise ValueError(f"orthonormalize: unknown method {method!r}; expected "
+                     f"one of {METHODS}.")
+  if method == "randomized_cholesky_qr" and key is None:
+    raise ValueError("orthonormalize: method 'randomized_cholesky_qr' needs "
+                     "a key.")
+  if len({a.shape[-1] for a in arrays}) != 1:
+    raise ValueError("orthonormalize_many: the factors must share r; got "
+                     f"shapes {[a.shape for a in arrays]}.")
+  arrays = [column_prescale(a.astype(jnp.float32), rows) for a in arrays]
+  if method == "householder":
+    return householder_qr(arrays, rows)
+  if method == "cholesky_qr":
+    return cholesky_qr(arrays, rows=rows)
+  return randomized_cholesky_qr(arrays, key, rows=rows)
 
 
 def orthonormalize(
@@ -191,18 +267,9 @@ def orthonormalize(
   Returns:
     float32 array shaped like ``a``. All-zero columns stay finite.
   """
-  a = column_prescale(a.astype(jnp.float32), rows)
-  if method == "householder":
-    return householder_qr(a, rows)
-  if method == "cholesky_qr":
-    return cholesky_qr(a, rows=rows)
-  if method == "randomized_cholesky_qr":
-    if key is None:
-      raise ValueError("orthonormalize: method 'randomized_cholesky_qr' "
-                       "needs a key.")
-    return randomized_cholesky_qr(a, key, rows=rows)
-  raise ValueError(f"orthonormalize: unknown method {method!r}; expected one "
-                   f"of {METHODS}.")
+  k, r = a.shape[-2:]
+  [q] = orthonormalize_many([a.reshape(-1, k, r)], method, key=key, rows=rows)
+  return q.reshape(a.shape)
 
 
 def normalize_columns(

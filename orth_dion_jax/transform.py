@@ -224,12 +224,13 @@ def _finish(
   """Update, error feedback and new state of one leaf from its factors."""
   spec, b, finite = prepared
   keep = finite[:, None, None]
-  # Masks go on the (n, k, r) factors and per-matrix coefficients, never on a
-  # weight-sized array: after B is formed nothing refers to the old momentum,
-  # so B's buffer can become the new momentum in place.
-  left = jnp.where(keep, factors.left, 0.0)
-  direction = low_rank.outer(left, factors.right, spec.small_axis)
-  update = (spec.scale * direction).astype(grad_dtype)
+  # Masks are per-matrix coefficients that join the elementwise pass reading
+  # each product; neither a factor nor a weight-sized array is copied to mask
+  # it. After B is formed nothing refers to the old momentum, so B's buffer
+  # can become the new momentum in place.
+  coefficient = spec.scale * jnp.where(keep, factors.moved, 0.0)
+  update = (coefficient * low_rank.outer(
+      factors.left, factors.right, spec.small_axis)).astype(grad_dtype)
   q = old_right_factor.reshape(factors.right.shape)
   new_q = jnp.where(keep, factors.right, q)
   if decays is None:
