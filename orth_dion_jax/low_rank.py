@@ -56,7 +56,13 @@ class LowRankFactors(NamedTuple):
 
 
 def _contract(b: Array, f: Array, axis: Literal["in", "out"]) -> Array:
-  """Contracts the layout array b (n, i, o) with f along ``axis``."""
+  """Contracts the layout array b (n, i, o) with f along ``axis``.
+
+  The (k x r) factor is cast to B's dtype, never B to the factor's: a
+  bfloat16 buffer is read as it is, with float32 accumulation, instead of
+  through a weight-sized float32 copy.
+  """
+  f = f.astype(b.dtype)
   if axis == "in":
     return jnp.einsum("nio,nir->nor", b, f,
                       preferred_element_type=jnp.float32)
@@ -195,6 +201,7 @@ def error_feedback(
     small_axis: Literal["in", "out"],
     residual_decay: float | Array,
     captured_decay: float | Array,
+    dtype=None,
 ) -> Array:
   """New momentum: the part of B the rank-r step missed, plus a decayed rest.
 
@@ -202,7 +209,7 @@ def error_feedback(
   The reference mu-form is ``(1, mu)``: ``M' = B - (1 - mu) P R^T``; the
   paper's analysed beta-form is ``(beta, 0)``: ``E' = beta (B - P P^T B)``.
   The decays may be per-matrix arrays broadcastable to ``(n, 1, 1)``.
-  Returned in ``b``'s dtype and layout view; written as
+  Returned in ``dtype`` (default ``b``'s) and the layout view; written as
   ``a B - (a - c) moved P R^T`` so that ``B``'s buffer can be updated in place
   and ``P R^T`` is the only weight-sized temporary (the scalars join the
   elementwise pass).
@@ -210,7 +217,7 @@ def error_feedback(
   captured = outer(factors.left, factors.projected, small_axis)
   coefficient = (residual_decay - captured_decay) * factors.moved
   new = residual_decay * b.astype(jnp.float32) - coefficient * captured
-  return new.astype(b.dtype)
+  return new.astype(dtype or b.dtype)
 
 
 def captured_fraction(b: Array, factors: LowRankFactors,

@@ -185,6 +185,7 @@ class _Prepared(NamedTuple):
   spec: matrix_view.MatrixSpec   # sizes of this device's block
   buffer: Array    # B = M + G (or G without momentum), (n, fan_in, fan_out)
   finite: Array    # (n,) bool: the matrix's gradient is all finite
+  momentum_dtype: Any = None   # the new momentum's dtype (None: no momentum)
 
 
 def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
@@ -200,7 +201,12 @@ def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
   if momentum is None:
     return _Prepared(spec, g, finite)
   m = spec.to_layout(momentum)
-  return _Prepared(spec, m + g.astype(m.dtype), finite)
+  # B is held in float32 at least (or the momentum's wider dtype): with a
+  # bfloat16 momentum that is the one weight-sized temporary per matrix, and
+  # the products read it directly, where a bfloat16 B would be converted to
+  # float32 once per product by backends without bfloat16 matmuls (XLA:CPU).
+  dtype = jnp.promote_types(m.dtype, jnp.float32)
+  return _Prepared(spec, m.astype(dtype) + g.astype(dtype), finite, m.dtype)
 
 
 class _MatrixStep(NamedTuple):
@@ -222,7 +228,7 @@ def _finish(
     collectives: Collectives,
 ) -> _MatrixStep:
   """Update, error feedback and new state of one leaf from its factors."""
-  spec, b, finite = prepared
+  spec, b, finite, momentum_dtype = prepared
   keep = finite[:, None, None]
   # Masks are per-matrix coefficients that join the elementwise pass reading
   # each product; neither a factor nor a weight-sized array is copied to mask
@@ -240,7 +246,8 @@ def _finish(
     residual_decay, captured_decay = (jnp.where(keep, d, 1.0) for d in decays)
     new_m = spec.from_layout(low_rank.error_feedback(
         b, factors, small_axis=spec.small_axis,
-        residual_decay=residual_decay, captured_decay=captured_decay))
+        residual_decay=residual_decay, captured_decay=captured_decay,
+        dtype=momentum_dtype))
   captured = low_rank.captured_fraction(b, factors, collectives)
   return _MatrixStep(
       update=spec.from_layout(update),

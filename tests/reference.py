@@ -91,7 +91,7 @@ class ReferenceDion:
                learning_rate: float, form: str = "mu", decay: float = 0.95,
                weight_decay: float = 0.0, right_factor: str = "qr",
                power_iters: int = 1, eps: float = 1e-8,
-               scale: str = "spectral"):
+               scale: str = "spectral", momentum_dtype=None):
     self.learning_rate = learning_rate
     self.form = form
     self.decay = decay
@@ -100,6 +100,9 @@ class ReferenceDion:
     self.power_iters = power_iters
     self.eps = eps
     self.scale = scale
+    # Momentum stored in a narrower dtype (e.g. ml_dtypes.bfloat16): each
+    # new momentum is rounded to it, all arithmetic stays float64.
+    self.momentum_dtype = momentum_dtype
     self.state = {
         name: MatrixState(
             weight=np.asarray(x, np.float64),
@@ -148,6 +151,9 @@ class ReferenceDion:
     fan_out, fan_in = x.shape
     update = -lr * (update_scale(fan_out, fan_in, self.scale)
                     * back(direction) + wd * x)
+    if self.momentum_dtype is not None:
+      new_momentum = np.asarray(new_momentum, self.momentum_dtype).astype(
+          np.float64)
     return MatrixState(weight=x + update, momentum=new_momentum,
                        right_factor=q, captured_fraction=float(captured),
                        update=update)
