@@ -227,22 +227,14 @@ def captured_fraction(b: Array, factors: LowRankFactors,
   The share of the buffer's energy the rank-r approximation captured; 1 means
   nothing is left for the error feedback. 0 for an all-zero buffer. With
   decoupled replicas, ``||B||_F^2`` is the replicas' mean.
-
-  Computed as ``1 / sum((B / ||R||_F)^2)``: one pass over ``B``, and no sum of
-  squares can overflow or underflow, since ``||R||_F <= ||B||_F`` (at 1e30 or
-  1e-30 scale alike). ``||R||_F`` itself is taken from the small factor,
-  scaled by its largest entry.
   """
   c = collectives
-  r = factors.projected
-  r_max = c.small.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
-  r_max = jnp.where(r_max > 0, r_max, 1.0)
-  r_norm = r_max * jnp.sqrt(c.small.sum(jnp.sum(
-      jnp.square(r / r_max[:, None, None]), axis=(-2, -1))))
-  moved = (factors.moved.reshape(r_norm.shape) > 0) & (r_norm > 0)
-  scale = jnp.where(moved, r_norm, 1.0)
-  ratio = c.replicas.mean(c.matrix.sum(jnp.sum(
-      jnp.square(b.astype(jnp.float32) / scale[:, None, None]),
-      axis=(-2, -1))))    # ||B||^2 / ||R||^2 >= 1 where moved
-  return jnp.where(moved & (ratio > 0), 1.0 / jnp.where(ratio > 0, ratio, 1.0),
-                   0.0)
+  b32 = b.astype(jnp.float32)
+  scale = c.everything.max(jnp.max(jnp.abs(b32), axis=(-2, -1)))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  total = c.replicas.mean(c.matrix.sum(
+      jnp.sum(jnp.square(b32 / scale[:, None, None]), axis=(-2, -1))))
+  kept = c.small.sum(jnp.sum(
+      jnp.square(factors.projected / scale[:, None, None]), axis=(-2, -1)))
+  kept = kept * factors.moved.reshape(kept.shape)
+  return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 0.0)
