@@ -85,8 +85,14 @@ def _elementwise_pass_runner(shapes):
 
 
 def matrix_sized_writes(hlo_text: str, shapes) -> collections.Counter:
-  """Counts, by opcode and name, the entry computation's m x n results."""
-  sizes = {m * n for m, n in shapes.values()}
+  """Counts, by opcode and name, the entry computation's m x n results.
+
+  A result counts when its shape, leading 1s dropped, is a weight's
+  ``(m, n)`` or ``(n, m)``: a ``k x r`` factor with as many elements (at
+  d = 2048, rank 1/4, ``8192 x 512`` holds as many as ``2048 x 2048``) does
+  not.
+  """
+  sizes = {shape for m, n in shapes.values() for shape in ((m, n), (n, m))}
   entry = hlo_text[hlo_text.index("\nENTRY"):]
   entry = entry[:entry.index("\n}")]
   counts = collections.Counter()
@@ -95,10 +101,9 @@ def matrix_sized_writes(hlo_text: str, shapes) -> collections.Counter:
     if match is None or match["opcode"] in _NOT_WRITES:
       continue
     dims = [int(x) for x in match["dims"].split(",") if x]
-    elements = 1
-    for x in dims:
-      elements *= x
-    if elements in sizes:
+    while len(dims) > 2 and dims[0] == 1:
+      dims = dims[1:]
+    if tuple(dims) in sizes:
       stem = re.sub(r"\.\d+$", "", match["name"])
       counts[f"{match['opcode']} {stem} ({match['dtype']})"] += 1
   return counts
