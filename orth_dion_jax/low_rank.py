@@ -58,9 +58,10 @@ class LowRankFactors(NamedTuple):
 def _contract(b: Array, f: Array, axis: Literal["in", "out"]) -> Array:
   """Contracts the layout array b (n, i, o) with f along ``axis``.
 
-  The (k x r) factor is cast to B's dtype, never B to the factor's: a
-  bfloat16 buffer is read as it is, with float32 accumulation, instead of
-  through a weight-sized float32 copy.
+  The (k x r) factor is cast to B's dtype, never B to the factor's, so that
+  no weight-sized copy of B is made for the product. B is float32 whenever
+  there is a momentum (``transform._prepare``); a bfloat16 B is a bare
+  bfloat16 gradient, met by a bfloat16 factor with float32 accumulation.
   """
   f = f.astype(b.dtype)
   if axis == "in":
