@@ -115,18 +115,18 @@ def _grouped_orthonormalize(
   all the matrices of a model that share a rank, instead of a small kernel
   each, without copying a factor into a stack.
   """
+  rows = [c.big if on_big_side else c.small for c in collectives]
   if right_factor == "column":
-    return [orth.normalize_columns(a, eps, rows=c.big if on_big_side
-                                   else c.small)
-            for a, c in zip(arrays, collectives)]
+    return [orth.normalize_columns(a, eps, rows=axes)
+            for a, axes in zip(arrays, rows)]
   groups: dict[tuple, list[int]] = {}
   for i, (a, c) in enumerate(zip(arrays, collectives)):
     groups.setdefault((a.shape[-1], c), []).append(i)
   out: list[Array | None] = [None] * len(arrays)
-  for g, ((_, c), members) in enumerate(groups.items()):
+  for g, members in enumerate(groups.values()):
     results = orth.orthonormalize_many(
         [arrays[i] for i in members], method, key=jax.random.fold_in(key, g),
-        rows=c.big if on_big_side else c.small)
+        rows=rows[members[0]])
     for i, q in zip(members, results):
       out[i] = q
   return out
@@ -163,8 +163,9 @@ def power_iteration(
     ys = [c.replicas.mean(c.small.sum(_contract(
         t.buffer, orth.column_prescale(q, c.small), t.small_axis)))
           for t, q, c in zip(tasks, qs, colls)]
-    # Taken now, so that nothing holds on to B Q once it is orthonormalized.
-    zeros = [_all_zero(y, c) for y, c in zip(ys, colls)]
+    if it == config.power_iters - 1:
+      # Taken now, so that nothing holds on to B Q once it is orthonormalized.
+      zeros = [_all_zero(y, c) for y, c in zip(ys, colls)]
     ps = _grouped_orthonormalize(
         ys, colls, on_big_side=True, method=config.orthogonalize,
         right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it))

@@ -63,9 +63,10 @@ def _stacked(arrays: Sequence[Array]) -> Array:
 
 def _unstacked(stacked: Array, like: Sequence[Array]) -> list[Array]:
   """Splits the leading axis back into one piece per array of ``like``."""
+  if len(like) == 1:
+    return [stacked]
   offsets = np.cumsum([a.shape[0] for a in like])[:-1]
-  return list(jnp.split(stacked, offsets, axis=0)) if len(like) > 1 else [
-      stacked]
+  return list(jnp.split(stacked, offsets, axis=0))
 
 
 def _grams(arrays: Sequence[Array], rows: AxisGroup) -> Array:

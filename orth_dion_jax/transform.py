@@ -599,14 +599,8 @@ def scale_by_error_feedback(
     momentum_dtype: dtype of the momentum (None: the parameter's dtype).
       The QR and normalization run in float32 regardless.
     weight_dimension_numbers: as in ``scale_by_low_rank_orthogonalization``.
-    mesh: the mesh the parameters are sharded over; the step then runs in
-      ``jax.shard_map`` on each device's blocks (see ``sharding``).
-    param_specs: tree (or callable of the parameters) of ``PartitionSpec``;
-      None reads each leaf's sharding from its array or type (an
-      ``Explicit`` mesh); required under jit with ``Auto`` mesh axes.
-    data_axis: mesh axis of compressed data parallelism: gradients then
-      carry a leading replica axis (``per_replica_value_and_grad``), each
-      replica keeps its own momentum and only ``P`` and ``R`` are averaged.
+    mesh, param_specs, data_axis: sharding and compressed data parallelism,
+      as in ``scale_by_low_rank_orthogonalization``.
 
   Returns:
     An ``optax.GradientTransformation`` with state ``OrthDionState``.
@@ -670,14 +664,8 @@ def scale_by_orth_dion(
     seed: seed of the initial right factors and sketches.
     momentum_dtype: momentum dtype (e.g. ``jnp.bfloat16``); None: param dtype.
     weight_dimension_numbers: tree or callable of ``DionDimensionNumbers``.
-    mesh: the mesh the parameters are sharded over; the step then runs in
-      ``jax.shard_map`` on each device's blocks (see ``sharding``).
-    param_specs: tree (or callable of the parameters) of ``PartitionSpec``;
-      None reads each leaf's sharding from its array or type (an
-      ``Explicit`` mesh); required under jit with ``Auto`` mesh axes.
-    data_axis: mesh axis of compressed data parallelism: gradients then
-      carry a leading replica axis (``per_replica_value_and_grad``), each
-      replica keeps its own momentum and only ``P`` and ``R`` are averaged.
+    mesh, param_specs, data_axis: sharding and compressed data parallelism,
+      as in ``scale_by_low_rank_orthogonalization``.
 
   Returns:
     An ``optax.GradientTransformation`` with state ``OrthDionState``.
