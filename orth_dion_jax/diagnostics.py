@@ -9,11 +9,13 @@ matrix whose last step captured nothing (P = 0) reports nu = 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from orth_dion_jax.lapack_order import after
 from orth_dion_jax.transform import LowRankState, OrthDionState
 
 Array = jax.Array
@@ -38,28 +40,54 @@ def _is_state(x: Any) -> bool:
 
 def spectral_norm(q: Array) -> Array:
   """Largest singular value of each (k, r) matrix, via the r x r Gram."""
-  q = q.astype(jnp.float32)
-  gram = jnp.einsum("...kr,...ks->...rs", q, q)
-  return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[..., -1], 0.0))
+  [norm] = _spectral_norms([q])
+  return norm
+
+
+def _spectral_norms(qs: list[Array]) -> list[Array]:
+  """``spectral_norm`` of each array of ``qs``, one eigenvalue call per r.
+
+  The calls run one after the other and after every array of ``qs`` exists
+  (so after the update's own QRs): two LAPACK calls in flight at once can
+  deadlock XLA:CPU (``lapack_order``).
+  """
+  by_rank: dict[int, list[int]] = {}
+  for i, q in enumerate(qs):
+    by_rank.setdefault(q.shape[-1], []).append(i)
+  out: list[Array | None] = [None] * len(qs)
+  previous = qs
+  for members in by_rank.values():
+    grams = [jnp.einsum("...kr,...ks->...rs", qs[i].astype(jnp.float32),
+                        qs[i].astype(jnp.float32)) for i in members]
+    flat = jnp.concatenate([g.reshape(-1, *g.shape[-2:]) for g in grams])
+    previous = jnp.linalg.eigvalsh(after(flat, previous))[:, -1]
+    offset = 0
+    for i, g in zip(members, grams):
+      size = math.prod(g.shape[:-2])
+      top = previous[offset:offset + size].reshape(g.shape[:-2])
+      out[i] = jnp.sqrt(jnp.maximum(top, 0.0))
+      offset += size
+  return out
 
 
 def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
   """Diagnostics of every low-rank matrix in an optimizer state, by path."""
-  out = {}
+  paths, qs, captured, skipped = [], [], [], []
   for state in jax.tree.leaves(opt_state, is_leaf=_is_state):
     if not _is_state(state):
       continue
     flat = jax.tree_util.tree_leaves_with_path(state.right_factor)
-    captured = jax.tree.leaves(state.captured_fraction)
-    skipped = jax.tree.leaves(state.nonfinite_count)
-    for (path, q), c, s in zip(flat, captured, skipped):
-      q, c = _array(q), _array(c)
-      # A step that captured nothing had P = 0 (zero buffer, or no step yet):
-      # its update P Q^T is 0, whatever the kept warm start Q is.
-      out[jax.tree_util.keystr(path)] = MatrixDiagnostics(
-          nu=jnp.where(c > 0, spectral_norm(q), 0.0), rank=q.shape[-1],
-          captured_fraction=c, nonfinite_count=_array(s))
-  return out
+    paths += [jax.tree_util.keystr(path) for path, _ in flat]
+    qs += [_array(q) for _, q in flat]
+    captured += [_array(c) for c in jax.tree.leaves(state.captured_fraction)]
+    skipped += [_array(s) for s in jax.tree.leaves(state.nonfinite_count)]
+  # A step that captured nothing had P = 0 (zero buffer, or no step yet):
+  # its update P Q^T is 0, whatever the kept warm start Q is.
+  return {
+      path: MatrixDiagnostics(nu=jnp.where(c > 0, nu, 0.0), rank=q.shape[-1],
+                              captured_fraction=c, nonfinite_count=s)
+      for path, q, nu, c, s in zip(paths, qs, _spectral_norms(qs), captured,
+                                   skipped)}
 
 
 def diagnostics_summary(opt_state: Any) -> dict[str, Array]:

@@ -28,7 +28,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,29 +107,34 @@ def _grouped_orthonormalize(
     right_factor: str | None,
     eps,
     key: Array,
-) -> list[Array]:
+    previous: Any,
+) -> tuple[list[Array], Any]:
   """Orthonormalizes (or column-normalizes) a list of (n, k, r) factors.
 
   Factors of the same r and the same collectives are done together
   (``orthogonalize.orthonormalize_many``): one batched Cholesky / inverse for
   all the matrices of a model that share a rank, instead of a small kernel
   each, without copying a factor into a stack.
+
+  The groups run one after the other, the first after ``previous``: no two
+  LAPACK calls of an update may overlap on XLA:CPU (``lapack_order``).
+  Returns the factors and what the next LAPACK call must wait for.
   """
   rows = [c.big if on_big_side else c.small for c in collectives]
-  if right_factor == "column":
+  if right_factor == "column":   # no LAPACK call: nothing to order
     return [orth.normalize_columns(a, eps, rows=axes)
-            for a, axes in zip(arrays, rows)]
+            for a, axes in zip(arrays, rows)], previous
   groups: dict[tuple, list[int]] = {}
   for i, (a, c) in enumerate(zip(arrays, collectives)):
     groups.setdefault((a.shape[-1], c), []).append(i)
   out: list[Array | None] = [None] * len(arrays)
   for g, members in enumerate(groups.values()):
-    results = orth.orthonormalize_many(
+    previous = orth.orthonormalize_many(
         [arrays[i] for i in members], method, key=jax.random.fold_in(key, g),
-        rows=rows[members[0]])
-    for i, q in zip(members, results):
+        rows=rows[members[0]], previous=previous)
+    for i, q in zip(members, previous):
       out[i] = q
-  return out
+  return out, previous
 
 
 def power_iteration(
@@ -156,6 +161,7 @@ def power_iteration(
   """
   colls = [t.collectives for t in tasks]
   qs = [t.right_factor.astype(jnp.float32) for t in tasks]
+  previous = None   # the outputs the next LAPACK call waits for
   for it in range(config.power_iters):
     # orth(B Q) does not depend on the scale of Q's columns; unit-max columns
     # keep B Q from underflowing when Dion's Q is tiny (R / (|R| + eps) with
@@ -166,15 +172,16 @@ def power_iteration(
     if it == config.power_iters - 1:
       # Taken now, so that nothing holds on to B Q once it is orthonormalized.
       zeros = [_all_zero(y, c) for y, c in zip(ys, colls)]
-    ps = _grouped_orthonormalize(
+    ps, previous = _grouped_orthonormalize(
         ys, colls, on_big_side=True, method=config.orthogonalize,
-        right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it))
+        right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it),
+        previous=previous)
     rs = [c.replicas.mean(c.big.sum(_contract(
         t.buffer, p, _other(t.small_axis)))) for t, p, c in zip(tasks, ps, colls)]
-    qs = _grouped_orthonormalize(
+    qs, previous = _grouped_orthonormalize(
         rs, colls, on_big_side=False, method=config.orthogonalize,
         right_factor=config.right_factor, eps=eps,
-        key=jax.random.fold_in(key, 2 * it + 1))
+        key=jax.random.fold_in(key, 2 * it + 1), previous=previous)
   results = []
   for t, zero, p, r, q in zip(tasks, zeros, ps, rs, qs):
     # A zero buffer has no direction to follow: step nowhere, keep the warm

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from orth_dion_jax.collectives import AxisGroup, NO_AXES
+from orth_dion_jax.lapack_order import after
 
 Array = jax.Array
 Method = Literal["householder", "cholesky_qr", "randomized_cholesky_qr"]
@@ -69,11 +70,11 @@ def _unstacked(stacked: Array, like: Sequence[Array]) -> list[Array]:
   return list(jnp.split(stacked, offsets, axis=0))
 
 
-def _grams(arrays: Sequence[Array], rows: AxisGroup) -> Array:
+def _grams(arrays: Sequence[Array], rows: AxisGroup, previous: Any) -> Array:
   """A^T A of every factor, stacked: (sum of batches, r, r), one reduction
-  across ``rows`` for all of them."""
-  return rows.sum(_stacked(
-      [jnp.einsum("nkr,nks->nrs", a, a) for a in arrays]))
+  across ``rows`` for all of them; computed after ``previous`` exists."""
+  return after(rows.sum(_stacked(
+      [jnp.einsum("nkr,nks->nrs", a, a) for a in arrays])), previous)
 
 
 def _positive_diagonal_signs(t: Array) -> Array:
@@ -113,18 +114,21 @@ def column_prescale(a: Array, rows: AxisGroup = NO_AXES) -> Array:
   return a / jnp.where(col_max > 0, col_max, 1.0)
 
 
-def _householder_one(a: Array, rows: AxisGroup) -> Array:
-  q, t = jnp.linalg.qr(rows.gather(a, axis=-2), mode="reduced")
+def _householder_one(a: Array, rows: AxisGroup, previous: Any) -> Array:
+  q, t = jnp.linalg.qr(after(rows.gather(a, axis=-2), previous),
+                       mode="reduced")
   return rows.local(q * _positive_diagonal_signs(t)[..., None, :], axis=-2)
 
 
-def householder_qr(arrays: Sequence[Array],
-                   rows: AxisGroup = NO_AXES) -> list[Array]:
+def householder_qr(arrays: Sequence[Array], rows: AxisGroup = NO_AXES, *,
+                   previous: Any = None) -> list[Array]:
   """Householder QR with the sign fix: Q of A = Q T with diag(T) >= 0.
 
   Householder reflections need every row at once, so a row-split ``A`` is
   gathered (a ``k x r`` factor, not a weight) and each device keeps its block.
-  Factors of the same shape are stacked into one batched call.
+  Factors of the same shape are stacked into one batched call; the calls of
+  different shapes run one after the other, the first after ``previous``
+  (``lapack_order``).
   """
   by_shape: dict[tuple[int, ...], list[int]] = {}
   for i, a in enumerate(arrays):
@@ -132,16 +136,20 @@ def householder_qr(arrays: Sequence[Array],
   out: list[Array | None] = [None] * len(arrays)
   for members in by_shape.values():
     group = [arrays[i] for i in members]
-    for i, q in zip(members, _unstacked(
-        _householder_one(_stacked(group), rows), group)):
+    previous = _householder_one(_stacked(group), rows, previous)
+    for i, q in zip(members, _unstacked(previous, group)):
       out[i] = q
   return out
 
 
-def _cholesky_qr_pass(arrays: Sequence[Array], rows: AxisGroup
-                      ) -> tuple[list[Array], Array]:
-  """One CholeskyQR pass; returns (Q per factor, the stacked Grams)."""
-  grams = _grams(arrays, rows)
+def _cholesky_qr_pass(arrays: Sequence[Array], rows: AxisGroup,
+                      previous: Any = None) -> tuple[list[Array], Array]:
+  """One CholeskyQR pass; returns (Q per factor, the stacked Grams).
+
+  Its Cholesky and triangular solve are ordered by their data; the pass
+  starts after ``previous``.
+  """
+  grams = _grams(arrays, rows, previous)
   upper = _transpose(jnp.linalg.cholesky(grams))
   return _times(arrays, _inverse_upper(upper)), grams
 
@@ -168,18 +176,20 @@ def _with_householder_fallback(qs: list[Array], ok: Array,
                                rows: AxisGroup) -> list[Array]:
   # lax.cond on a scalar keeps the fallback free unless some matrix of the
   # batch actually failed (a Cholesky NaN or a badly conditioned first pass).
+  # The cond starts once ``ok`` exists, after every pass; inside the branch
+  # householder_qr orders its own QRs (lapack_order).
   return jax.lax.cond(ok, lambda: qs, lambda: householder_qr(arrays, rows))
 
 
-def cholesky_qr(arrays: Sequence[Array], *,
-                rows: AxisGroup = NO_AXES) -> list[Array]:
-  """CholeskyQR2 with a branch-free Householder fallback.
+def cholesky_qr(arrays: Sequence[Array], *, rows: AxisGroup = NO_AXES,
+                previous: Any = None) -> list[Array]:
+  """CholeskyQR2 with a Householder fallback under ``lax.cond``.
 
   ``T = chol(A^T A)^T``, ``Q = A T^{-1}``, done twice. Positive diagonal by
   construction. Only matmuls and ``r x r`` factorizations: fast on
   accelerators, and only the Gram matrices cross devices.
   """
-  q1, _ = _cholesky_qr_pass(arrays, rows)
+  q1, _ = _cholesky_qr_pass(arrays, rows, previous)
   q2, gram1 = _cholesky_qr_pass(q1, rows)
   return _with_householder_fallback(q2, _trustworthy(q2, gram1, rows),
                                     arrays, rows)
@@ -192,7 +202,7 @@ def sketch_rows(rank: int, oversample: float = 1.25) -> int:
 
 def randomized_cholesky_qr(
     arrays: Sequence[Array], key: Array, *,
-    rows: AxisGroup = NO_AXES) -> list[Array]:
+    rows: AxisGroup = NO_AXES, previous: Any = None) -> list[Array]:
   """Randomized Cholesky QR: a Gaussian sketch preconditions one CholeskyQR.
 
   ``S`` is ``(s, k)`` with entries N(0, 1/s); ``S A = Q_s T_s`` (sign-fixed),
@@ -211,7 +221,7 @@ def randomized_cholesky_qr(
                                (s, a.shape[-2] * rows.size()),
                                dtype=a.dtype) / math.sqrt(s)
     sketched.append(jnp.einsum("sk,nkr->nsr", rows.local(sketch, axis=-1), a))
-  _, t = jnp.linalg.qr(rows.sum(_stacked(sketched)), mode="reduced")
+  t = jnp.linalg.qr(after(rows.sum(_stacked(sketched)), previous), mode="r")
   t = t * _positive_diagonal_signs(t)[..., :, None]
   # With high probability A T_s^-1 is well conditioned (cond ~ 1), so one
   # CholeskyQR pass is enough; the check below catches the rare bad sketch.
@@ -226,12 +236,15 @@ def orthonormalize_many(
     *,
     key: Array | None = None,
     rows: AxisGroup = NO_AXES,
+    previous: Any = None,
 ) -> list[Array]:
   """``orthonormalize`` of factors ``(n_i, k_i, r)`` that share ``r``.
 
   Their ``r x r`` work (Gram matrices, Cholesky factorizations, inverses, the
   sketches' QR) runs as one batched computation; one fallback check covers
-  them all.
+  them all. Its LAPACK calls start after the arrays of ``previous`` exist
+  and never overlap each other (``lapack_order``); its results are a valid
+  ``previous`` for the next call.
   """
   if method not in METHODS:
     raise ValueError(f"orthonormalize: unknown method {method!r}; expected "
@@ -244,10 +257,10 @@ def orthonormalize_many(
                      f"shapes {[a.shape for a in arrays]}.")
   arrays = [column_prescale(a.astype(jnp.float32), rows) for a in arrays]
   if method == "householder":
-    return householder_qr(arrays, rows)
+    return householder_qr(arrays, rows, previous=previous)
   if method == "cholesky_qr":
-    return cholesky_qr(arrays, rows=rows)
-  return randomized_cholesky_qr(arrays, key, rows=rows)
+    return cholesky_qr(arrays, rows=rows, previous=previous)
+  return randomized_cholesky_qr(arrays, key, rows=rows, previous=previous)
 
 
 def orthonormalize(
