@@ -229,21 +229,44 @@ def error_feedback(
   return new.astype(dtype or b.dtype)
 
 
-def captured_fraction(b: Array, factors: LowRankFactors,
+def largest_magnitude(b: Array, collectives: Collectives = SINGLE_DEVICE
+                      ) -> Array:
+  """max |B| per matrix, (n,) float32, agreed by every block and replica.
+
+  NaN exactly when some entry of some replica's ``B`` is NaN, Inf when one
+  is infinite: it is both the non-finite guard's test of ``B`` and the
+  captured fraction's scale, from one reduction.
+  """
+  return collectives.everything.max(
+      jnp.max(jnp.abs(b), axis=(-2, -1)).astype(jnp.float32))
+
+
+def all_finite(factor: Array, collectives: Collectives = SINGLE_DEVICE
+               ) -> Array:
+  """(n,) bool: a factor (n, k, r) is finite on every block and replica.
+
+  Applied to ``R = B^T P``, it also tests ``P``: every row of ``P`` is summed
+  into every row of ``R``, so a non-finite ``P`` shows in ``R``.
+  """
+  return jnp.isfinite(collectives.everything.max(
+      jnp.max(jnp.abs(factor), axis=(-2, -1))))
+
+
+def captured_fraction(b: Array, factors: LowRankFactors, b_max: Array,
                       collectives: Collectives = SINGLE_DEVICE) -> Array:
   """||P R^T||_F^2 / ||B||_F^2 per matrix (= ||R||_F^2 / ||B||_F^2).
 
   The share of the buffer's energy the rank-r approximation captured; 1 means
   nothing is left for the error feedback. 0 for an all-zero buffer. With
-  decoupled replicas, ``||B||_F^2`` is the replicas' mean.
+  decoupled replicas, ``||B||_F^2`` is the replicas' mean. ``b_max`` is
+  ``largest_magnitude(b)``: both sums are taken of entries scaled by it, so
+  that they neither overflow nor underflow.
   """
   c = collectives
-  b32 = b.astype(jnp.float32)
-  scale = c.everything.max(jnp.max(jnp.abs(b32), axis=(-2, -1)))
-  scale = jnp.where(scale > 0, scale, 1.0)
+  scale = jnp.where(b_max > 0, b_max, 1.0)[:, None, None]
   total = c.replicas.mean(c.matrix.sum(
-      jnp.sum(jnp.square(b32 / scale[:, None, None]), axis=(-2, -1))))
+      jnp.sum(jnp.square(b.astype(jnp.float32) / scale), axis=(-2, -1))))
   kept = c.small.sum(jnp.sum(
-      jnp.square(factors.projected / scale[:, None, None]), axis=(-2, -1)))
+      jnp.square(factors.projected / scale), axis=(-2, -1)))
   kept = kept * factors.moved.reshape(kept.shape)
   return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 0.0)

@@ -115,7 +115,7 @@ class LowRankCompressor:
                             ("householder", "cholesky_qr",
                              "randomized_cholesky_qr"))
     validation.check_positive_int("power_iters", self.power_iters)
-    validation.check_static_int("seed", self.seed)
+    validation.check_seed(self.seed)
     validation.check_scale(self.scale)
     validation.check_nonnegative("eps", self.eps)
 
@@ -184,19 +184,21 @@ class _Prepared(NamedTuple):
   """A leaf in layout view, ready for the power iteration."""
   spec: matrix_view.MatrixSpec   # sizes of this device's block
   buffer: Array    # B = M + G (or G without momentum), (n, fan_in, fan_out)
-  finite: Array    # (n,) bool: the matrix's gradient is all finite
+  finite: Array    # (n,) bool: the gradient and the schedules are finite
   momentum_dtype: Any = None   # the new momentum's dtype (None: no momentum)
 
 
 def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
-             momentum: Array | None, collectives: Collectives) -> _Prepared:
+             momentum: Array | None, collectives: Collectives,
+             schedules_finite: Array) -> _Prepared:
   g = spec.to_layout(grad)
-  # One bad entry poisons the whole power iteration of its matrix: that matrix
-  # sees a zero gradient and is frozen below, instead of letting NaN reach the
-  # momentum or the weights. max|g| is NaN or Inf exactly when some entry is:
-  # one reduction, no mask. Every block and replica must agree on the flag.
+  # A non-finite gradient (or schedule value) is dropped before it touches the
+  # momentum: B = M, and _finish keeps that M. max|g| is NaN or Inf exactly
+  # when some entry is: one reduction, no mask. Every block and replica must
+  # agree on the flag.
   bad = ~jnp.isfinite(jnp.max(jnp.abs(g), axis=(-2, -1)))
-  finite = collectives.everything.max(bad.astype(jnp.int32)) == 0
+  finite = ((collectives.everything.max(bad.astype(jnp.int32)) == 0)
+            & schedules_finite)
   g = jnp.where(finite[:, None, None], g, 0)
   if momentum is None:
     return _Prepared(spec, g, finite)
@@ -207,6 +209,42 @@ def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
   # float32 once per product by backends without bfloat16 matmuls (XLA:CPU).
   dtype = jnp.promote_types(m.dtype, jnp.float32)
   return _Prepared(spec, m.astype(dtype) + g.astype(dtype), finite, m.dtype)
+
+
+def _finite_right_factor(q: Array, collectives: Collectives) -> Array:
+  """The carried ``Q``, or the first r columns of I where it is not finite.
+
+  A right factor restored from a corrupt checkpoint would otherwise make
+  every later step of its matrix non-finite. The replacement is the same on
+  every replica (no randomness) and of full column rank.
+  """
+  c = collectives
+  finite = low_rank.all_finite(q, c)
+  small, rank = q.shape[-2:]
+  eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
+                      axis=-2)
+  return jnp.where(finite[:, None, None], q, eye)
+
+
+def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
+                   decays: tuple[Array, Array], dtype,
+                   collectives: Collectives) -> Array:
+  """(n,) bool: the new momentum cannot overflow ``dtype``.
+
+  ``|M'| <= a max|B| + |a - c| max_j ||R_j||``, since the rows of ``P`` have
+  norm <= 1: a bound from quantities the step has, so a float16 momentum is
+  never written as Inf (checking ``M'`` itself would need a pass over it
+  before it may be stored).
+  """
+  a, c = (jnp.reshape(d, (-1,)) for d in decays)
+  r = factors.projected
+  r_max = collectives.everything.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
+  safe = jnp.where(r_max > 0, r_max, 1.0)[:, None, None]
+  row_norms = collectives.everything.max(jnp.max(
+      jnp.sum(jnp.square(r / safe), axis=-1), axis=-1))
+  captured = r_max * jnp.sqrt(row_norms) * factors.moved.reshape(-1)
+  bound = a * b_max + jnp.abs(a - c) * captured
+  return bound <= float(jnp.finfo(dtype).max)
 
 
 class _MatrixStep(NamedTuple):
@@ -220,41 +258,64 @@ class _MatrixStep(NamedTuple):
 def _finish(
     prepared: _Prepared,
     factors: low_rank.LowRankFactors,
-    old_right_factor: Array,
+    q: Array,
     nonfinite_count: Array,
     *,
     decays: tuple[Array, Array] | None,
     grad_dtype,
     collectives: Collectives,
 ) -> _MatrixStep:
-  """Update, error feedback and new state of one leaf from its factors."""
+  """Update, error feedback and new state of one leaf from its factors.
+
+  The non-finite guard, per matrix: a step is taken only when its gradient
+  and schedules (``prepared.finite``), ``B``, ``R`` and the new ``Q`` are
+  finite and the new momentum fits its dtype. Otherwise the update is zero,
+  ``Q`` is kept and the skip is counted. The momentum is kept when only the
+  gradient or a schedule was bad (they never entered ``B``); when ``B``
+  itself or its factors are not finite (a corrupt momentum, ``M + G``
+  overflowing), it is reset to zero, since there is no finite momentum left
+  to keep, and the next step starts the error feedback afresh.
+  """
   spec, b, finite, momentum_dtype = prepared
-  keep = finite[:, None, None]
-  # Masks are per-matrix coefficients that join the elementwise pass reading
-  # each product; neither a factor nor a weight-sized array is copied to mask
-  # it. After B is formed nothing refers to the old momentum, so B's buffer
-  # can become the new momentum in place.
-  coefficient = spec.scale * jnp.where(keep, factors.moved, 0.0)
-  update = (coefficient * low_rank.outer(
-      factors.left, factors.right, spec.small_axis)).astype(grad_dtype)
-  q = old_right_factor.reshape(factors.right.shape)
-  new_q = jnp.where(keep, factors.right, q)
+  b_max = low_rank.largest_magnitude(b, collectives)
+  # The new momentum a B - (a - c) P R^T is finite when B, P and R are; the
+  # update P Q^T needs the new Q too.
+  healthy = jnp.isfinite(b_max) & low_rank.all_finite(factors.projected,
+                                                      collectives)
+  if decays is not None:
+    # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
+    decays = tuple(jnp.where(finite, d, 1.0) for d in decays)
+    if jnp.finfo(momentum_dtype).max < jnp.finfo(jnp.float32).max:
+      healthy &= _momentum_fits(b_max, factors, decays, momentum_dtype,
+                                collectives)
+  step = (finite & healthy & low_rank.all_finite(factors.right, collectives)
+          )[:, None, None]
+  # Masks are selects in the elementwise pass that reads each product (a
+  # multiplication by 0 would keep a NaN); neither a factor nor a
+  # weight-sized array is copied to mask it. After B is formed nothing refers
+  # to the old momentum, so B's buffer can become the new momentum in place.
+  update = jnp.where(step, spec.scale * factors.moved * low_rank.outer(
+      factors.left, factors.right, spec.small_axis), 0.0).astype(grad_dtype)
+  new_q = jnp.where(step, factors.right, q)
   if decays is None:
     new_m = None
   else:
-    # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
-    residual_decay, captured_decay = (jnp.where(keep, d, 1.0) for d in decays)
-    new_m = spec.from_layout(low_rank.error_feedback(
-        b, factors, small_axis=spec.small_axis,
-        residual_decay=residual_decay, captured_decay=captured_decay,
-        dtype=momentum_dtype))
-  captured = low_rank.captured_fraction(b, factors, collectives)
+    residual_decay, captured_decay = (d[:, None, None] for d in decays)
+    new_m = spec.from_layout(jnp.where(
+        healthy[:, None, None],
+        low_rank.error_feedback(
+            b, factors, small_axis=spec.small_axis,
+            residual_decay=residual_decay, captured_decay=captured_decay),
+        0.0).astype(momentum_dtype))
+  captured = jnp.where(
+      step[:, 0, 0],
+      low_rank.captured_fraction(b, factors, b_max, collectives), 0.0)
   return _MatrixStep(
       update=spec.from_layout(update),
       momentum=new_m,
-      right_factor=new_q.reshape(old_right_factor.shape),
+      right_factor=new_q,
       captured_fraction=captured.reshape(spec.batch_shape),
-      nonfinite_count=nonfinite_count + (~finite).reshape(
+      nonfinite_count=nonfinite_count + (~step[:, 0, 0]).reshape(
           spec.batch_shape).astype(jnp.int32),
   )
 
@@ -277,22 +338,27 @@ def _step(
   it is given (the identity on one device), and ``collectives`` complete the
   sums across blocks and replicas.
   """
+  # A schedule value that is not finite skips every matrix's step.
+  schedules_finite = functools.reduce(
+      jnp.logical_and, [jnp.isfinite(v) for v in (eps, *(decays or ()))])
   prepared = [
-      _prepare(m.localized(g.shape), g, mom, c)
+      _prepare(m.localized(g.shape), g, mom, c, schedules_finite)
       for m, g, mom, c in zip(matrices, grads, momenta, collectives)]
+  qs = [_finite_right_factor(q.reshape(-1, p.spec.small, p.spec.rank), c)
+        for p, q, c in zip(prepared, right_factors, collectives)]
   step_key = jax.random.fold_in(jax.random.key(compressor.seed), count)
   factors = low_rank.power_iteration(
-      [low_rank.MatrixTask(
-          buffer=p.buffer,
-          right_factor=q.reshape(-1, p.spec.small, p.spec.rank),
-          small_axis=p.spec.small_axis, collectives=c)
-       for p, q, c in zip(prepared, right_factors, collectives)],
+      [low_rank.MatrixTask(buffer=p.buffer, right_factor=q,
+                           small_axis=p.spec.small_axis, collectives=c)
+       for p, q, c in zip(prepared, qs, collectives)],
       config=compressor.step_config, eps=eps, key=step_key)
-  return [
+  results = [
       _finish(p, f, q, skips, decays=decays, grad_dtype=g.dtype,
               collectives=c)
-      for p, f, q, skips, g, c in zip(prepared, factors, right_factors,
+      for p, f, q, skips, g, c in zip(prepared, factors, qs,
                                       nonfinite_counts, grads, collectives)]
+  return [r._replace(right_factor=r.right_factor.reshape(old.shape))
+          for r, old in zip(results, right_factors)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +419,91 @@ def _without_variable_boxes(tree: Any) -> Any:
   is_box = lambda x: isinstance(x, nnx.Variable)
   return jax.tree.map(lambda x: x.get_value() if is_box(x) else x, tree,
                       is_leaf=is_box)
+
+
+def _has_variable_boxes(tree: Any) -> bool:
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return False
+  is_box = lambda x: isinstance(x, nnx.Variable)
+  return any(map(is_box, jax.tree.leaves(tree, is_leaf=is_box)))
+
+
+def _boxed_like(boxed: Any, bare: Any) -> Any:
+  """``bare``'s arrays in the ``Variable`` boxes of ``boxed``.
+
+  A Variable is a pytree node whose one child is its array, so both trees
+  list the same leaves in the same order; optax's tree maps give updates
+  boxed like this, and ``optax.apply_updates`` / ``nnx.update`` expect it.
+  """
+  return jax.tree.unflatten(jax.tree.structure(boxed), jax.tree.leaves(bare))
+
+
+def _flatten_like(updates: Any, tree: Any, what: str) -> list[Any]:
+  """``tree``'s subtrees at the leaves of ``updates``, or an error naming
+  a path that only one of them has."""
+  try:
+    return jax.tree.structure(updates).flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    paths = lambda t: {jax.tree_util.keystr(p) for p, _ in
+                       jax.tree_util.tree_flatten_with_path(
+                           t, is_leaf=lambda x: isinstance(x, ReplicaMomenta)
+                       )[0]}
+    given, held = paths(updates), paths(tree)
+    extra = sorted(given ^ held)
+    detail = (f"{extra[0]} is only in "
+              f"{'the gradients' if extra[0] in given else what}" if extra
+              else "their containers differ")
+    raise ValueError(
+        f"The gradient tree does not match {what}, which init built from "
+        f"the parameters: {detail}.") from e
+
+
+def _check_gradient_shapes(updates, state, params, replicas: int | None
+                           ) -> None:
+  """Each gradient leaf has the shape of the weight its state was made for.
+
+  Checked before the step: a transposed gradient fits the momentum's layout
+  after a reshape and would silently scramble it. The momentum holds the
+  weight's shape; without one (``LowRankState``) the parameter does, when
+  given. In compressed mode gradients carry a leading replica axis.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  if isinstance(state, OrthDionState):
+    source = "the momentum in the optimizer state"
+    weights = [m.per_replica.shape[1:] if isinstance(m, ReplicaMomenta)
+               else jnp.shape(m)
+               for m in _flatten_like(updates, state.momentum, source)]
+  elif params is not None:
+    source = "the parameter"
+    weights = [jnp.shape(p) for p in _flatten_like(updates, params, source)]
+  else:
+    return
+  leading = () if replicas is None else (replicas,)
+  hint = ("" if replicas is None else "; with data_axis set, gradients carry "
+          f"a leading axis of {replicas} replicas (see "
+          "per_replica_value_and_grad)")
+  for (path, g), weight in zip(flat, weights):
+    expected = leading + tuple(weight)
+    if jnp.shape(g) != expected:
+      raise ValueError(
+          f"{jax.tree_util.keystr(path)}: the gradient has shape "
+          f"{jnp.shape(g)}, but {source} expects {expected}{hint}.")
+
+
+def _check_right_factors(updates, paths, matrices, state) -> None:
+  """The right factors in the state are those these gradients' shapes imply.
+
+  Catches what ``_check_gradient_shapes`` cannot see without a momentum or
+  the parameters: a gradient whose matrix differs from the one init saw.
+  """
+  held = _flatten_like(updates, state.right_factor, "the optimizer state")
+  for (path, _), m, q in zip(paths, matrices, held):
+    if jnp.shape(q) != m.right_factor_shape:
+      raise ValueError(
+          f"{path}: the gradient's shape implies a right factor of shape "
+          f"{m.right_factor_shape}, but the optimizer state holds one of "
+          f"shape {jnp.shape(q)}: init was given a weight of another shape.")
 
 
 def _weight_shapes(tree, replicas: int | None):
@@ -435,8 +586,15 @@ def _low_rank_transformation(
                             for x, p in zip(leaves, specs)]), **fields)
 
   def update_fn(updates, state, params=None):
-    del params
+    if _has_variable_boxes(updates):
+      # The state was built from bare arrays; return the updates boxed like
+      # the gradients, as optax's own transformations do.
+      bare, state = update_fn(_without_variable_boxes(updates), state, params)
+      return _boxed_like(updates, bare), state
+    _check_gradient_shapes(updates, state, _without_variable_boxes(params),
+                           replicas)
     paths, matrices, plans, treedef = layout(updates, per_replica=True)
+    _check_right_factors(updates, paths, matrices, state)
     flat = treedef.flatten_up_to
     grads = flat(updates)
     count = state.count
@@ -612,6 +770,7 @@ def scale_by_error_feedback(
   for name, value in (("residual_decay", residual_decay),
                       ("captured_decay", captured_decay)):
     validation.check_unit_interval(name, value, closed_right=True)
+  validation.check_float_dtype("momentum_dtype", momentum_dtype)
   return _low_rank_transformation(
       compressor or LowRankCompressor(),
       feedback=(residual_decay, captured_decay),
