@@ -11,10 +11,12 @@ Each is ``optax.partition`` of two chains (ALGORITHM.md section 8):
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from orth_dion_jax import data_parallel
@@ -32,9 +34,98 @@ _ADAM_BY_NAME = re.compile(
     r"(embed|^wte$|^wpe$|^(lm_|output_)?head$|^unembed|^logits$|^vocab)",
     re.IGNORECASE)
 
-# apply_if_finite lets an update through after this many consecutive
-# non-finite steps; we never want that for the AdamW leaves.
-_NEVER = 2**31 - 1
+
+def _skip_nonfinite_steps(inner: optax.GradientTransformation
+                         ) -> optax.GradientTransformationExtraArgs:
+  """``inner``, except that a step with a NaN/Inf gradient changes nothing.
+
+  ``optax.apply_if_finite`` without its ``lax.cond`` and without giving up.
+  The cond's two branches must agree on dtypes, but its skip branch returns
+  zeros like the gradient while AdamW returns updates (and moments) in the
+  promoted dtype: a bfloat16 gradient for a float32 bias failed to trace.
+  Here ``inner`` always runs, on a zeroed gradient when it is not finite so
+  nothing it computes is NaN, and a select keeps the old state; the updates
+  and state have ``inner``'s own dtypes, as when it runs alone, and the step
+  stays free of control flow.
+
+  The state is optax's ``ApplyIfFiniteState``: ``notfinite_count`` counts the
+  consecutive skipped steps, ``total_notfinite`` all of them.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True),
+        total_notfinite=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    finite = functools.reduce(
+        jnp.logical_and,
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)],
+        jnp.array(True))
+    updates = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), new_updates)
+    # The select promotes to the wider dtype; cast back so the state has the
+    # dtypes inner gives it whether the step was taken or skipped.
+    new_inner = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old).astype(new.dtype),
+        new_inner, state.inner_state)
+    return new_updates, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(
+            finite, 0, optax.safe_increment(state.notfinite_count)),
+        last_finite=finite,
+        total_notfinite=jnp.where(
+            finite, state.total_notfinite,
+            optax.safe_increment(state.total_notfinite)),
+        inner_state=new_inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScheduleGuardState(NamedTuple):
+  """State of the low-rank chain's last step (learning rate, weight decay)."""
+  count: jax.Array            # (), int32: steps taken (the schedules' input)
+  nonfinite_count: jax.Array  # (), int32: steps whose lr or wd was not finite
+
+
+def _decay_and_scale_if_finite(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+) -> optax.GradientTransformation:
+  """``u <- -lr (u + wd X)``: decoupled weight decay and the learning rate.
+
+  ``optax.add_decayed_weights`` then ``optax.scale_by_learning_rate``, except
+  that a step whose ``lr`` or ``wd`` value is NaN or Inf (a schedule gone
+  wrong) is taken with learning rate 0: the parameters do not move and the
+  step is counted in ``ScheduleGuardState.nonfinite_count``. The select is
+  part of the elementwise pass that scales the updates.
+  """
+  resolve = lambda value, count: value(count) if callable(value) else value
+
+  def init_fn(params):
+    del params
+    return ScheduleGuardState(jnp.zeros([], jnp.int32),
+                              jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    lr = jnp.asarray(resolve(learning_rate, state.count), jnp.float32)
+    wd = jnp.asarray(resolve(weight_decay, state.count), jnp.float32)
+    finite = jnp.isfinite(lr) & jnp.isfinite(wd)
+    if params is None:
+      raise ValueError("orth_dion / dion: update needs params (decoupled "
+                       "weight decay reads them).")
+    updates = jax.tree.map(
+        lambda u, x: jnp.where(finite, -lr * (u + wd * x), 0).astype(u.dtype),
+        updates, params)
+    return updates, ScheduleGuardState(
+        optax.safe_increment(state.count),
+        state.nonfinite_count + (~finite).astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _path_names(path) -> list[str]:
@@ -76,24 +167,35 @@ def _labels_fn(weight_dimension_numbers, param_labels) -> Callable:
   return from_dimension_numbers
 
 
-def _partition_by_params(transforms: dict, labels_fn: Callable
-                         ) -> optax.GradientTransformation:
+def _partition_by_params(transforms: dict, labels_fn: Callable, *,
+                         params_required: bool
+                         ) -> optax.GradientTransformationExtraArgs:
   """``optax.partition`` whose labels are read from the parameters.
 
-  With compressed data parallelism the gradients carry a leading replica
-  axis, so labels that look at shapes must be taken from ``params``.
+  ``optax.partition`` labels the gradients in ``update``; then a gradient
+  leaf of the wrong rank would be routed elsewhere than init routed its
+  parameter and fail in the other group, far from its cause. Labelled like
+  the parameters it reaches its own transformation, whose shape check names
+  it. With compressed data parallelism the gradients carry a leading
+  replica axis, so labels that look at shapes can only come from ``params``.
   """
-  def init_fn(params):
-    return optax.partition(transforms, labels_fn(params)).init(params)
+  # Labels read off bare arrays are a prefix of the tree whether or not its
+  # leaves are in nnx Variable boxes (nnx.Optimizer boxes them for init, not
+  # for update), so init and update mask the same subtrees.
+  labels_of = lambda tree: labels_fn(transform._without_variable_boxes(tree))
 
-  def update_fn(updates, state, params=None):
-    if params is None:
+  def init_fn(params):
+    return optax.partition(transforms, labels_of(params)).init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None and params_required:
       raise ValueError("With data_axis set, update needs params: the routing "
                        "labels are read from the parameters' shapes.")
-    return optax.partition(transforms, labels_fn(params)).update(
-        updates, state, params)
+    labels = labels_of(updates if params is None else params)
+    return optax.partition(transforms, labels).update(
+        updates, state, params, **extra_args)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _orth_dion_family(
@@ -103,6 +205,9 @@ def _orth_dion_family(
     adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay,
     mesh, param_specs, data_axis,
 ) -> optax.GradientTransformation:
+  validation.check_nonnegative("learning_rate", learning_rate)
+  if adam_learning_rate is not None:
+    validation.check_nonnegative("adam_learning_rate", adam_learning_rate)
   validation.check_nonnegative("weight_decay", weight_decay)
   validation.check_nonnegative("adam_weight_decay", adam_weight_decay)
   validation.check_nonnegative("adam_eps", adam_eps)
@@ -117,24 +222,20 @@ def _orth_dion_family(
           momentum_dtype=momentum_dtype,
           weight_dimension_numbers=weight_dimension_numbers, mesh=mesh,
           param_specs=param_specs, data_axis=data_axis),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      _decay_and_scale_if_finite(learning_rate, weight_decay),
   )
-  adam_chain = optax.apply_if_finite(
+  adam_chain = _skip_nonfinite_steps(
       optax.adamw(
           learning_rate=(learning_rate if adam_learning_rate is None
                          else adam_learning_rate),
           b1=adam_b1, b2=adam_b2, eps=adam_eps,
-          weight_decay=adam_weight_decay),
-      max_consecutive_errors=_NEVER)
+          weight_decay=adam_weight_decay))
   labels_fn = _labels_fn(weight_dimension_numbers, param_labels)
-  if data_axis is None:
-    return optax.partition({LOW_RANK: low_rank_chain, ADAM: adam_chain},
-                           labels_fn)
-  # AdamW leaves are not compressible: their gradients are averaged first.
-  adam_chain = optax.chain(data_parallel.average_replicas(), adam_chain)
+  if data_axis is not None:
+    # AdamW leaves are not compressible: their gradients are averaged first.
+    adam_chain = optax.chain(data_parallel.average_replicas(), adam_chain)
   return _partition_by_params({LOW_RANK: low_rank_chain, ADAM: adam_chain},
-                              labels_fn)
+                              labels_fn, params_required=data_axis is not None)
 
 
 def orth_dion(
@@ -184,7 +285,8 @@ def orth_dion(
   Non-finite gradients: a low-rank matrix whose gradient has a NaN/Inf skips
   its low-rank step (zero update, state unchanged, counted in the state's
   ``nonfinite_count``; decoupled weight decay still applies), and the AdamW
-  leaves skip the whole step (counted by ``optax.apply_if_finite``).
+  leaves skip the whole step (counted in ``ApplyIfFiniteState``, as by
+  ``optax.apply_if_finite``).
 
   Args:
     learning_rate: learning rate of the low-rank step (float or schedule).
