@@ -7,10 +7,12 @@ schedules cannot be checked before they run and are let through.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Arguments that set shapes or seeds: under optax.inject_hyperparams they must
@@ -26,21 +28,35 @@ _STATIC_HINT = ("; under optax.inject_hyperparams pass "
                 "static_args=orth_dion_jax.STATIC_ARGS")
 
 
-def _concrete(value: Any) -> float | None:
+def _concrete(name: str, value: Any) -> float | None:
   """The value as a float, or None for schedules and traced arrays."""
   if callable(value):
     return None
   try:
-    return float(np.asarray(value))
+    array = np.asarray(value)
   except (jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError, TypeError, ValueError):
+          jax.errors.TracerArrayConversionError):
     return None  # traced under jit: checked where it is concrete
+  except (TypeError, ValueError):
+    array = None   # e.g. a ragged list: refused below, naming the argument
+  # np.asarray("0.1") is a string array that float() would accept.
+  if array is None or array.dtype.kind not in "biuf" or array.size != 1:
+    raise TypeError(f"{name} must be a real number, a scalar array or a "
+                    f"schedule, got {type(value).__name__} {value!r}.")
+  return float(array.reshape(()))
 
 
 def check_static_int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(f"{name} must be a Python int, got "
                     f"{type(value).__name__} {value!r}{_STATIC_HINT}.")
+
+
+def check_seed(seed: Any) -> None:
+  check_static_int("seed", seed)
+  # jax.random.key keeps 32 bits: 2**32 would silently be seed 0.
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -70,7 +86,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 def check_unit_interval(name: str, value: Any, *, closed_right: bool) -> None:
   """value in [0, 1] (closed_right) or [0, 1)."""
-  v = _concrete(value)
+  v = _concrete(name, value)
   if v is None:
     return
   ok = 0 <= v <= 1 if closed_right else 0 <= v < 1
@@ -80,9 +96,10 @@ def check_unit_interval(name: str, value: Any, *, closed_right: bool) -> None:
 
 
 def check_nonnegative(name: str, value: Any) -> None:
-  v = _concrete(value)
-  if v is not None and not v >= 0:
-    raise ValueError(f"{name} must be >= 0, got {v}.")
+  """A finite value >= 0 (NaN fails ``v >= 0``, Inf is refused too)."""
+  v = _concrete(name, value)
+  if v is not None and not (v >= 0 and math.isfinite(v)):
+    raise ValueError(f"{name} must be finite and >= 0, got {v}.")
 
 
 def check_scale(scale: Any) -> None:
@@ -91,7 +108,21 @@ def check_scale(scale: Any) -> None:
   if isinstance(scale, str):
     raise ValueError("scale must be 'spectral', 'rms', a positive float or "
                      f"None, got {scale!r}.")
-  v = _concrete(scale)
-  if v is None or not v > 0:
+  v = _concrete("scale", scale)
+  if v is None or not (v > 0 and math.isfinite(v)):
     raise ValueError(f"scale must be 'spectral', 'rms', a positive float or "
                      f"None, got {scale!r}.")
+
+
+def check_float_dtype(name: str, value: Any) -> None:
+  """None, or a floating dtype: an int8 or bool momentum would hold zeros."""
+  if value is None:
+    return
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as e:
+    raise TypeError(f"{name} must be a floating dtype such as jnp.bfloat16, "
+                    f"got {value!r}.") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating dtype such as jnp.bfloat16, "
+                     f"got {dtype.name}.")
