@@ -68,11 +68,22 @@ def _skip_nonfinite_steps(inner: optax.GradientTransformation
     updates = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
+    # What the step produces is checked too: a learning-rate schedule's NaN,
+    # or a finite gradient whose square overflows the second moment.
+    finite &= functools.reduce(
+        jnp.logical_and,
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((new_updates,
+                                                            new_inner))
+         if jnp.issubdtype(x.dtype, jnp.inexact)],
+        jnp.array(True))
     new_updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), new_updates)
     # The select promotes to the wider dtype; cast back so the state has the
     # dtypes inner gives it whether the step was taken or skipped.
+    # Step counters advance even on a skipped step: a schedule that is NaN
+    # at one count must not hold every later step at that count.
     new_inner = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old).astype(new.dtype),
+        lambda new, old: (new if jnp.issubdtype(new.dtype, jnp.integer) else
+                          jnp.where(finite, new, old).astype(new.dtype)),
         new_inner, state.inner_state)
     return new_updates, optax.ApplyIfFiniteState(
         notfinite_count=jnp.where(

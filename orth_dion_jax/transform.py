@@ -211,19 +211,21 @@ def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
   return _Prepared(spec, m.astype(dtype) + g.astype(dtype), finite, m.dtype)
 
 
-def _finite_right_factor(q: Array, collectives: Collectives) -> Array:
+def _finite_right_factor(q: Array, collectives: Collectives
+                         ) -> tuple[Array, Array]:
   """The carried ``Q``, or the first r columns of I where it is not finite.
 
   A right factor restored from a corrupt checkpoint would otherwise make
   every later step of its matrix non-finite. The replacement is the same on
-  every replica (no randomness) and of full column rank.
+  every replica (no randomness) and of full column rank. Returns the factor
+  and the (n,) flag of those that were finite.
   """
   c = collectives
   finite = low_rank.all_finite(q, c)
   small, rank = q.shape[-2:]
   eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
                       axis=-2)
-  return jnp.where(finite[:, None, None], q, eye)
+  return jnp.where(finite[:, None, None], q, eye), finite
 
 
 def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
@@ -259,6 +261,7 @@ def _finish(
     prepared: _Prepared,
     factors: low_rank.LowRankFactors,
     q: Array,
+    q_finite: Array,
     nonfinite_count: Array,
     *,
     decays: tuple[Array, Array] | None,
@@ -274,7 +277,9 @@ def _finish(
   gradient or a schedule was bad (they never entered ``B``); when ``B``
   itself or its factors are not finite (a corrupt momentum, ``M + G``
   overflowing), it is reset to zero, since there is no finite momentum left
-  to keep, and the next step starts the error feedback afresh.
+  to keep, and the next step starts the error feedback afresh. A carried
+  ``Q`` that was not finite (``q_finite``) was replaced before the step and
+  is counted as well.
   """
   spec, b, finite, momentum_dtype = prepared
   b_max = low_rank.largest_magnitude(b, collectives)
@@ -315,7 +320,8 @@ def _finish(
       momentum=new_m,
       right_factor=new_q,
       captured_fraction=captured.reshape(spec.batch_shape),
-      nonfinite_count=nonfinite_count + (~step[:, 0, 0]).reshape(
+      # A repaired right factor counts as a non-finite event too.
+      nonfinite_count=nonfinite_count + (~(step[:, 0, 0] & q_finite)).reshape(
           spec.batch_shape).astype(jnp.int32),
   )
 
@@ -344,8 +350,9 @@ def _step(
   prepared = [
       _prepare(m.localized(g.shape), g, mom, c, schedules_finite)
       for m, g, mom, c in zip(matrices, grads, momenta, collectives)]
-  qs = [_finite_right_factor(q.reshape(-1, p.spec.small, p.spec.rank), c)
-        for p, q, c in zip(prepared, right_factors, collectives)]
+  qs, qs_finite = zip(*[
+      _finite_right_factor(q.reshape(-1, p.spec.small, p.spec.rank), c)
+      for p, q, c in zip(prepared, right_factors, collectives)])
   step_key = jax.random.fold_in(jax.random.key(compressor.seed), count)
   factors = low_rank.power_iteration(
       [low_rank.MatrixTask(buffer=p.buffer, right_factor=q,
@@ -353,10 +360,11 @@ def _step(
        for p, q, c in zip(prepared, qs, collectives)],
       config=compressor.step_config, eps=eps, key=step_key)
   results = [
-      _finish(p, f, q, skips, decays=decays, grad_dtype=g.dtype,
+      _finish(p, f, q, q_finite, skips, decays=decays, grad_dtype=g.dtype,
               collectives=c)
-      for p, f, q, skips, g, c in zip(prepared, factors, qs,
-                                      nonfinite_counts, grads, collectives)]
+      for p, f, q, q_finite, skips, g, c in zip(
+          prepared, factors, qs, qs_finite, nonfinite_counts, grads,
+          collectives)]
   return [r._replace(right_factor=r.right_factor.reshape(old.shape))
           for r, old in zip(results, right_factors)]
 
