@@ -293,11 +293,15 @@ def orth_dion(
   or callable with ``DionDimensionNumbers`` for low-rank leaves and ``None``
   for AdamW ones) or ``param_labels`` override it.
 
-  Non-finite gradients: a low-rank matrix whose gradient has a NaN/Inf skips
-  its low-rank step (zero update, state unchanged, counted in the state's
-  ``nonfinite_count``; decoupled weight decay still applies), and the AdamW
-  leaves skip the whole step (counted in ``ApplyIfFiniteState``, as by
-  ``optax.apply_if_finite``).
+  Non-finite values never reach parameters or state: a low-rank matrix whose
+  gradient, schedule values, buffer ``B = M + G`` or factors are not finite
+  skips its low-rank step (zero update, right factor kept, counted in the
+  state's ``nonfinite_count``; decoupled weight decay still applies). Its
+  momentum is kept when only the gradient or a schedule was bad, reset to
+  zero when ``B`` itself was not finite (see ``transform._finish``). A
+  non-finite learning-rate or weight-decay value means learning rate 0 for
+  that step (``ScheduleGuardState``); the AdamW leaves skip a step whose
+  gradient, updates or moments are not finite (``ApplyIfFiniteState``).
 
   Args:
     learning_rate: learning rate of the low-rank step (float or schedule).

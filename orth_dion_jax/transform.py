@@ -13,9 +13,11 @@ Two composable pieces share one per-matrix implementation:
 ``scale_by_orth_dion`` is the mu-form with a QR right factor; ``dion`` uses the
 column-normalized one (``right_factor="column"``).
 
-Non-finite gradients: a matrix whose gradient has a NaN or Inf is skipped for
-that step (zero update, momentum and right factor unchanged) and counted in
-``nonfinite_count``; the other matrices step normally.
+Non-finite values: a matrix whose gradient, schedule values, buffer, factors
+or new momentum is not finite is skipped for that step (zero update, right
+factor kept) and counted in ``nonfinite_count``; the other matrices step
+normally. Its momentum is kept when the gradient or a schedule was the cause
+and reset to zero when the buffer itself was not finite (``_finish``).
 
 Sharding: given ``mesh``, the step of every matrix runs inside one
 ``jax.shard_map`` over the mesh, on each device's blocks, with the
