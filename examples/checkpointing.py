@@ -1,24 +1,66 @@
-"""Orbax checkpoints of a training run: model, optimizer state and data position.
+"""Orbax checkpoints of a training run (model, optimizer state, data position), verified on restore.
 
-A checkpoint holds two items: "state", the model's and the optimizer's arrays (for Orth-Dion and
-Dion: momenta, low-rank right factors, AdamW moments, step counts), and "data", the position of
-the batch stream as JSON. Restoring reads every array straight onto the sharding the freshly built
-model already has, so a run can resume on a different mesh. Before reading, the saved shapes are
-compared with the model's: a mismatch is an error naming each offending array, never a reshape.
+A checkpoint holds three items: "state", the model's and the optimizer's arrays (for Orth-Dion and
+Dion: momenta, low-rank right factors, AdamW moments, step counts); "data", the position of the
+batch stream as JSON; and "checksums", JSON again: the dtype, shape and sha256 of every array of
+"state", and the data position. The three are one orbax save, committed by one rename, so no
+checkpoint has arrays without their checksums.
+
+Restoring reads every array straight onto the sharding the freshly built model already has, so a
+run can resume on a different mesh. Before reading, the saved shapes and dtypes are compared with
+the model's: a mismatch is an error naming each offending array, never a reshape, and never a
+reason to try another checkpoint (it means other flags, not damage). A checkpoint that cannot be
+read (each array is first read on its own, so that a missing or cut file fails one read, cleanly),
+or whose arrays differ from their checksums, is damaged: a warning names its step, its directory
+and what failed, and the next older one is tried. When an older one restores, the
+damaged newer ones are moved to <checkpoint directory>_corrupt/ (kept for inspection, and out of
+the way of the resumed run's own saves at those steps); when none does, NoIntactCheckpointError.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
+import re
+import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
+
+# What orbax names a step's directory: the step, with a suffix while the save is in flight (a run
+# killed mid-save leaves that one behind).
+_STEP_DIRECTORY = re.compile(r"\d+(" + re.escape(ocp.utils.TMP_DIR_SUFFIX) + r".*)?")
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint's arrays do not fit the model and optimizer being restored into."""
+
+
+class NoIntactCheckpointError(RuntimeError):
+  """There are checkpoints, but every one of them is damaged: none can be restored."""
+
+
+class _Damaged(Exception):
+  """A damaged checkpoint: unreadable, or not what was saved; the message says how."""
+
+
+def is_step_directory(path: pathlib.Path) -> bool:
+  """Whether `path` is a step directory orbax writes: "<step>", or "<step>.orbax-checkpoint-tmp..."
+  while (or since a killed run was) writing it. A symlink is not one, whatever its name."""
+  return (path.is_dir() and not path.is_symlink()
+          and _STEP_DIRECTORY.fullmatch(path.name) is not None)
+
+
+def committed_steps(directory: pathlib.Path) -> list[int]:
+  """The steps of the committed checkpoints in `directory`, newest first ([] if it is absent)."""
+  if not directory.is_dir():
+    return []
+  return sorted((int(path.name) for path in directory.iterdir()
+                 if path.name.isdigit() and is_step_directory(path)), reverse=True)
 
 
 def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
@@ -31,13 +73,26 @@ def _by_path(tree: Any) -> dict[str, Any]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def array_checksums(state: Any) -> dict[str, dict[str, Any]]:
+  """{path: {"dtype", "shape", "sha256"}} of every array of `state`, hashed from host copies."""
+  return {path: {"dtype": str(array.dtype), "shape": list(array.shape),
+                 "sha256": hashlib.sha256(
+                     np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()}
+          for path, array in _by_path(jax.device_get(state)).items()}
+
+
+def _array_description(array: Any) -> str:
+  return f"shape {tuple(array.shape)} {np.dtype(array.dtype).name}"
+
+
 def check_compatible(saved: Any, target: Any, where: str) -> None:
-  """Raises CheckpointMismatchError listing every array whose presence or shape differs."""
+  """Raises CheckpointMismatchError listing every array whose presence, shape or dtype differs."""
   saved, target = _by_path(saved), _by_path(target)
-  problems = [f"  {path}: checkpoint has shape {tuple(saved[path].shape)}, "
-              f"the model expects {tuple(target[path].shape)}"
+  problems = [f"  {path}: checkpoint has {_array_description(saved[path])}, "
+              f"the model expects {_array_description(target[path])}"
               for path in sorted(saved.keys() & target.keys())
-              if tuple(saved[path].shape) != tuple(target[path].shape)]
+              if tuple(saved[path].shape) != tuple(target[path].shape)
+              or np.dtype(saved[path].dtype) != np.dtype(target[path].dtype)]
   problems += [f"  {path}: in the model but not in the checkpoint"
                for path in sorted(target.keys() - saved.keys())]
   problems += [f"  {path}: in the checkpoint but not in the model"
@@ -48,8 +103,37 @@ def check_compatible(saved: Any, target: Any, where: str) -> None:
         "other model-size, optimizer or rank flags?):\n" + "\n".join(problems))
 
 
+def _describe(error: BaseException) -> str:
+  """One line on why a checkpoint could not be read. Orbax wraps tensorstore's errors in one that
+  prints the whole store spec; the innermost cause is the one that names the file and the fault."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else 'no message'}"
+
+
+def _read_every_array(state_directory: pathlib.Path) -> None:
+  """Reads every array orbax stored under `state_directory` (zarr arrays in one OCDBT database), one
+  at a time, and drops the values.
+
+  A deleted or cut file then fails one synchronous read, with tensorstore's message. Left to
+  orbax's restore, it fails one of many concurrent reads; the restore gives up with the others in
+  flight, and those print hundreds of tracebacks ("Event loop is closed", "Exception ignored in")
+  from tensorstore's threads and the garbage collector.
+  """
+  base = {"driver": "file", "path": f"{state_directory}/"}
+  store = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+  for key in store.list().result():
+    name, _, leaf = key.decode().rpartition("/")
+    if leaf in (".zarray", "zarr.json"):  # an array's metadata, zarr v2 or v3
+      ts.open({"driver": "zarr" if leaf == ".zarray" else "zarr3",
+               "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"},
+               # A chunk missing is damage, not an array of fill values.
+               "fill_missing_data_reads": False}).result().read().result()
+
+
 class Checkpointer:
-  """Saves checkpoints (keeping the latest `keep`) and restores the latest."""
+  """Saves checkpoints (keeping the latest `keep`) and restores the newest intact one."""
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 2):
     self.directory = pathlib.Path(directory).absolute()
@@ -59,36 +143,114 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.LatestN(keep)),
         # Handlers named up front, so that a fresh process can read the metadata before restoring.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+                       "data": ocp.JsonCheckpointHandler(),
+                       "checksums": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, *,
            data_position: int) -> None:
-    """Starts an asynchronous save; a run killed before it finishes keeps the previous one."""
+    """Starts an asynchronous save; a run killed before it finishes keeps the previous one.
+
+    The checksums are taken now, before the save starts, from host copies of the arrays being
+    saved: they describe what the run had, not what the writer may have made of it.
+    """
+    state = _pure_state(model, optimizer)
+    data = {"position": data_position}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_pure_state(model, optimizer)),
-        data=ocp.args.JsonSave({"position": data_position})))
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data),
+        checksums=ocp.args.JsonSave({"arrays": array_checksums(state), "data": data})))
 
   def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer) -> int | None:
-    """Loads the latest checkpoint into `model` and `optimizer` in place.
+    """Loads the newest intact checkpoint into `model` and `optimizer` in place.
 
-    Returns the saved data position, or None when there is no checkpoint.
+    Returns its data position, or None when there is no checkpoint. Damaged checkpoints are
+    skipped with a warning each, and moved aside if an older one restores; if all are damaged,
+    NoIntactCheckpointError. CheckpointMismatchError if the newest readable one was written for
+    another model or optimizer.
     """
-    step = self.manager.latest_step()
-    if step is None:
-      return None
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         _pure_state(model, optimizer))
-    check_compatible(self.manager.metadata(step).item_metadata["state"], target,
-                     where=f"{self.directory / str(step)}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    for module, pure in ((model, restored["state"]["model"]),
-                         (optimizer, restored["state"]["optimizer"])):
-      state = nnx.state(module)
-      nnx.replace_by_pure_dict(state, pure)
-      nnx.update(module, state)
-    return int(restored["data"]["position"])
+    damaged = []  # (step, what failed), newest first
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self._restore_verified(step, target)
+      except _Damaged as error:
+        reason = str(error)
+      else:
+        self._set_aside([s for s, _ in damaged], restored_step=step)
+        for module, pure in ((model, restored["state"]["model"]),
+                             (optimizer, restored["state"]["optimizer"])):
+          state = nnx.state(module)
+          nnx.replace_by_pure_dict(state, pure)
+          nnx.update(module, state)
+        return int(restored["data"]["position"])
+      damaged.append((step, reason))
+      warnings.warn(f"checkpoint step {step} at {self.directory / str(step)} is damaged, trying "
+                    f"an older one: {reason}", stacklevel=2)
+    if damaged:
+      raise NoIntactCheckpointError(
+          f"no intact checkpoint in {self.directory}: "
+          + "; ".join(f"step {step}: {reason}" for step, reason in damaged))
+    return None
+
+  def _restore_verified(self, step: int, target: Any) -> dict[str, Any]:
+    """The items of the checkpoint at `step`, its arrays read onto `target`'s shardings and
+    compared with their checksums. Raises _Damaged on anything missing, unreadable or altered, and
+    CheckpointMismatchError (from check_compatible) if it was written for another model.
+
+    Missing, cut or garbled files surface as whatever orbax, tensorstore or json raise, hence the
+    broad excepts: each of those errors means the checkpoint cannot be read.
+    """
+    try:
+      items = self.manager.metadata(step).item_metadata
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      raise _Damaged(f"its metadata cannot be read: {_describe(error)}") from error
+    saved = items.get("state") if items is not None else None
+    if saved is None:
+      raise _Damaged("the metadata of its arrays is missing")
+    check_compatible(saved, target, where=f"{self.directory / str(step)}")
+    try:
+      _read_every_array(self.directory / str(step) / "state")
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+          checksums=ocp.args.JsonRestore()))
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      raise _Damaged(f"it cannot be read: {_describe(error)}") from error
+    checksums = restored["checksums"]
+    # A flipped bit in the checksums' own JSON can leave it valid JSON of another shape.
+    if not isinstance(checksums, dict) or not isinstance(checksums.get("arrays"), dict):
+      raise _Damaged("its checksums are garbled")
+    recorded, actual = checksums["arrays"], array_checksums(restored["state"])
+    altered = sorted(path for path in recorded.keys() | actual.keys()
+                     if recorded.get(path) != actual.get(path))
+    if altered:
+      raise _Damaged(f"{len(altered)} arrays differ from the checksums recorded when it was saved: "
+                     + ", ".join(altered[:3]) + (", ..." if len(altered) > 3 else ""))
+    if restored["data"] != checksums.get("data"):
+      raise _Damaged(f"its data item {restored['data']} differs from the one recorded when it was "
+                     f"saved, {checksums.get('data')}")
+    return restored
+
+  def _set_aside(self, steps: list[int], *, restored_step: int) -> None:
+    """Moves the damaged checkpoints at `steps` (newer than `restored_step`) to
+    <directory>_corrupt/: the resumed run saves those steps again, and orbax would refuse to write
+    over them; deleting them would lose what is left of them."""
+    if not steps:
+      return
+    aside = self.directory.with_name(self.directory.name + "_corrupt")
+    aside.mkdir(exist_ok=True)
+    moves = []
+    for step in steps:
+      destination, copies = aside / str(step), 0
+      while destination.exists():  # set aside by an earlier resume too: keep both
+        copies += 1
+        destination = aside / f"{step}.{copies}"
+      (self.directory / str(step)).rename(destination)
+      moves.append(f"{step} -> {destination}")
+    self.manager.reload()  # it still lists the moved steps
+    warnings.warn(f"resuming from step {restored_step}, the newest intact checkpoint; moved the "
+                  f"damaged newer ones aside: {', '.join(moves)}", stacklevel=3)
 
   def close(self) -> None:
     """Waits for pending saves."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import sysconfig
 from typing import Iterable
@@ -32,27 +33,47 @@ def stdlib_sources() -> list[pathlib.Path]:
 
 
 def text_files(path: str | pathlib.Path) -> list[pathlib.Path]:
-  """`path` itself if it is a file, else every regular file below it, sorted."""
+  """`path` itself if it is a file, else the regular files below it, sorted.
+
+  Below a directory, only what lies inside it is read: symlinked directories are not followed, and
+  a symlinked file is read only if it leads to a regular file inside the directory (a link to
+  /proc/self/environ or ~/.ssh/id_rsa is skipped). FIFOs, sockets and devices are skipped: reading
+  one would block or never end.
+  """
   path = pathlib.Path(path)
   if path.is_file():
     return [path]
-  if not path.is_dir():
+  if not path.exists():
     raise FileNotFoundError(f"--data {path}: no such file or directory")
-  files = sorted(p for p in path.rglob("*") if p.is_file())
+  if not path.is_dir():
+    raise ValueError(f"--data {path}: not a regular file or a directory")
+  root = path.resolve()
+  files = []
+  for directory, _, names in os.walk(path):  # os.walk leaves symlinked directories alone
+    for name in names:
+      file = pathlib.Path(directory, name)
+      target = file.resolve()  # the file itself, unless it is a symlink
+      if target.is_relative_to(root) and target.is_file():
+        files.append(file)
   if not files:
-    raise ValueError(f"--data {path}: the directory holds no files")
-  return files
+    raise ValueError(f"--data {path}: the directory holds no regular files (symlinks that lead "
+                     "out of it are skipped)")
+  return sorted(files)
 
 
 def read_bytes(paths: Iterable[pathlib.Path], max_bytes: int) -> np.ndarray:
-  """The concatenated bytes of `paths`, at most `max_bytes` of them, as uint8."""
+  """The concatenated bytes of `paths`, at most `max_bytes` of them, as uint8.
+
+  Each file is read only up to what is left of `max_bytes`: a huge file costs no more memory than
+  the cap (and files after the cap is reached are not opened).
+  """
   chunks, total = [], 0
   for path in paths:
-    chunk = path.read_bytes()[: max_bytes - total]
-    chunks.append(chunk)
-    total += len(chunk)
     if total >= max_bytes:
       break
+    with open(path, "rb") as file:
+      chunks.append(file.read(max_bytes - total))
+    total += len(chunks[-1])
   return np.frombuffer(b"".join(chunks), dtype=np.uint8)
 
 
@@ -70,6 +91,15 @@ def load_corpus(data: str | None = None,
   """(train, validation) bytes of `data` (a file or directory), or of the standard library."""
   files = stdlib_sources() if data is None else text_files(data)
   return split(read_bytes(files, max_bytes))
+
+
+def check_corpus(corpus: tuple[np.ndarray, np.ndarray], seq_len: int) -> None:
+  """Raises ValueError unless the training and the validation text each hold more than
+  seq_len + 1 bytes: a window of seq_len inputs and their targets, and somewhere to place it."""
+  for name, part in zip(("training", "validation"), corpus):
+    if part.size <= seq_len + 1:
+      raise ValueError(f"the corpus's {name} part is {part.size} bytes, too short for --seq-len "
+                       f"{seq_len}: give more text (--data, --max-bytes) or a shorter --seq-len")
 
 
 def unigram_entropy(data: np.ndarray) -> float:

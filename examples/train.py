@@ -4,10 +4,14 @@
     python -m examples.train --optimizer dion --rank-fraction 0.125
     python -m examples.train --data my_texts/ --steps 2000 --d-model 256 --n-layers 6
     python -m examples.train --resume       # continue from the latest checkpoint in --out
+    python -m examples.train --overwrite    # start afresh, replacing the checkpoints in --out
     python -m examples.train --mesh-data 2 --mesh-fsdp 2 --mesh-tensor 2 --compressed-dp
 
 Writes to --out (default runs/<optimizer>): metrics.jsonl (one JSON record per step, and one per
-validation), loss.png, and orbax checkpoints under checkpoints/. The hidden weight matrices
+validation), loss.png, and orbax checkpoints under checkpoints/. A run refuses to start while
+checkpoints/ holds anything, unless told to --resume that run or to --overwrite its checkpoints;
+--overwrite deletes only the step directories orbax wrote, and refuses if there is anything else.
+A fresh or --overwrite run rewrites metrics.jsonl and loss.png. The hidden weight matrices
 (attention and MLP projections) get the chosen spectral optimizer; the embedding, the output head
 and the norm scales get AdamW, as in the Dion reference.
 
@@ -27,7 +31,7 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +42,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import orth_dion_jax
 from examples import data as data_lib
-from examples.checkpointing import Checkpointer
+from examples.checkpointing import (CheckpointMismatchError, Checkpointer, NoIntactCheckpointError,
+                                    committed_steps, is_step_directory)
 from examples.model import (VOCAB_SIZE, ModelConfig, Transformer, cross_entropy,
                             dimension_numbers, hidden_matrix_mask, partition_specs)
 
@@ -75,6 +80,7 @@ class TrainConfig:
   out: str | None = None  # None: runs/<optimizer>
   checkpoint_every: int = 100  # 0: no checkpoints
   resume: bool = False
+  overwrite: bool = False  # replace the checkpoints an earlier run left in out_dir
   progress: bool = True
 
   @property
@@ -160,17 +166,61 @@ def shard(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def check_mesh(config: TrainConfig) -> None:
   """Raises ValueError unless the batch and every weight axis split evenly over the mesh."""
-  splits = [("batch size", config.batch_size, config.mesh_data * config.mesh_fsdp, "data x fsdp"),
-            ("d_model", config.model.d_model, config.mesh_fsdp, "fsdp"),
-            ("n_heads", config.model.n_heads, config.mesh_tensor, "tensor"),
-            ("mlp_hidden", config.model.mlp_hidden, config.mesh_tensor, "tensor"),
-            ("vocabulary size", VOCAB_SIZE, config.mesh_tensor, "tensor")]
+  splits = [("--batch-size", config.batch_size, config.mesh_data * config.mesh_fsdp,
+             "--mesh-data x --mesh-fsdp"),
+            ("--d-model", config.model.d_model, config.mesh_fsdp, "--mesh-fsdp"),
+            ("--n-heads", config.model.n_heads, config.mesh_tensor, "--mesh-tensor"),
+            ("--mlp-hidden", config.model.mlp_hidden, config.mesh_tensor, "--mesh-tensor"),
+            ("the vocabulary size", VOCAB_SIZE, config.mesh_tensor, "--mesh-tensor")]
   for name, size, devices, axes in splits:
     if size % devices:
-      raise ValueError(f"{name} {size} is not divisible by the {devices} devices of the mesh's "
-                       f"{axes} axes")
+      raise ValueError(f"{name} {size} is not divisible by the {devices} devices of {axes}")
   if config.compressed_dp and config.optimizer not in ("orth_dion", "dion"):
     raise ValueError(f"--compressed-dp needs orth_dion or dion, not {config.optimizer!r}")
+
+
+def check_config(config: TrainConfig) -> None:
+  """Raises ValueError for settings that cannot run together: an unknown optimizer or schedule, a
+  mesh the batch or the weights do not split over, or --resume without checkpoints or with
+  --overwrite."""
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
+  check_mesh(config)
+  if config.resume and config.overwrite:
+    raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one")
+  if config.resume and not config.checkpoint_every:
+    raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
+
+
+def _listing(names: Sequence[str], most: int = 5) -> str:
+  shown = ", ".join(names[:most])
+  return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
+def check_run_directory(config: TrainConfig) -> None:
+  """Raises ValueError unless out_dir/checkpoints is in the state the run asks for: empty or absent
+  for a fresh run (it never replaces what an earlier run left there); holding a committed
+  checkpoint for --resume (a mistyped --out must not silently start afresh); holding nothing but
+  orbax's step directories for --overwrite, which deletes only those."""
+  directory = config.out_dir / "checkpoints"
+  for path in (config.out_dir, directory):
+    if path.exists() and not path.is_dir():
+      raise ValueError(f"--out: {path} exists and is not a directory")
+  entries = sorted(directory.iterdir()) if directory.exists() else []
+  if config.resume:
+    if not committed_steps(directory):
+      raise ValueError(f"--resume: there is no checkpoint to resume from in {directory}")
+  elif config.overwrite:
+    foreign = [path.name for path in entries if not is_step_directory(path)]
+    if foreign:
+      raise ValueError(f"--overwrite deletes only checkpoints, and {directory} also holds "
+                       f"{_listing(foreign)}: move that away, or choose another --out")
+  elif entries:
+    raise ValueError(f"{directory} already holds {_listing([path.name for path in entries])}: "
+                     "pass --resume to continue that run, --overwrite to replace its checkpoints, "
+                     "or choose another --out")
 
 
 def per_replica_value_and_grad(model: Transformer, inputs: jax.Array, targets: jax.Array,
@@ -287,14 +337,18 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh,
 
 def open_checkpoints(config: TrainConfig, model: Transformer,
                      optimizer: nnx.Optimizer) -> tuple[Checkpointer | None, int]:
-  """(checkpointer or None, the step to continue from), restoring in place with --resume."""
+  """(checkpointer or None, the step to continue from), restoring in place with --resume.
+
+  With --overwrite, first deletes the earlier run's step directories, and only those: anything
+  else in the directory is left alone (check_run_directory refuses to start over it).
+  """
   directory = config.out_dir / "checkpoints"
+  if config.overwrite and directory.exists():
+    for path in directory.iterdir():
+      if is_step_directory(path):
+        shutil.rmtree(path)
   if not config.checkpoint_every:
-    if config.resume:
-      raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
     return None, 0
-  if not config.resume and directory.exists():
-    shutil.rmtree(directory)  # a fresh run replaces the previous one's checkpoints, like nanoGPT
   checkpointer = Checkpointer(directory)
   restored = checkpointer.restore_latest(model, optimizer) if config.resume else None
   return checkpointer, restored or 0
@@ -305,15 +359,14 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
   """Runs one training run and returns its metric records (also in out_dir/metrics.jsonl).
 
   `corpus` is (train, validation) bytes, loaded from `config.data` when not given; `tx` as in
-  `build`.
+  `build`. Settings that cannot run and a run directory it may not use are refused (ValueError)
+  before anything is built or written.
   """
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
-  check_mesh(config)
+  check_config(config)
+  check_run_directory(config)
   if corpus is None:
     corpus = data_lib.load_corpus(config.data, config.max_bytes)
+  data_lib.check_corpus(corpus, config.seq_len)
   train_bytes, val_bytes = corpus
   mesh = make_mesh(config)
   sharding = batch_sharding(mesh)
@@ -410,64 +463,146 @@ def plot_losses(curves: dict[str, list[dict]], path: pathlib.Path, title: str = 
   plt.close(fig)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+  """An argparse type: an integer of at least `minimum` (and at most `maximum`, if given)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+      bounds = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+      raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
+    return value
+  return parse
+
+
+def _number(low: float, high: float = math.inf, *, low_included: bool) -> Callable[[str], float]:
+  """An argparse type: a finite number between low and high (high included when finite)."""
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    above_low = value >= low if low_included else value > low
+    if not (math.isfinite(value) and above_low and value <= high):
+      interval = f"{'[' if low_included else '('}{low:g}, {high:g}{']' if high < math.inf else ')'}"
+      raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+    return value
+  return parse
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line, exit status 2: the usage summary argparse prints
+  first runs to a dozen lines for these flags and buries the message (--help has it)."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+  """The command line's flags, each checked as it is parsed: a value out of range is an error
+  naming the flag, not a failure later in the run."""
   defaults = TrainConfig()
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  positive, non_negative = _integer(1), _integer(0)
+  parser = _ArgumentParser(prog="python -m examples.train", description=__doc__.split("\n\n")[0])
   add = parser.add_argument
   add("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-  add("--lr", type=float, default=None,
+  add("--lr", type=_number(0, low_included=False), default=None,
       help=f"peak learning rate (default per optimizer: {DEFAULT_LEARNING_RATES})")
-  add("--rank-fraction", type=float, default=defaults.rank_fraction,
-      help="Dion / Orth-Dion rank as a fraction of min(fan_in, fan_out)")
+  add("--rank-fraction", type=_number(0, 1, low_included=False), default=defaults.rank_fraction,
+      help="Dion / Orth-Dion rank as a fraction of min(fan_in, fan_out), in (0, 1]")
   add("--orthogonalize", choices=("cholesky_qr", "householder", "randomized_cholesky_qr"),
       default=None, help="Dion / Orth-Dion QR method (default: the library's)")
   add("--schedule", choices=SCHEDULES, default=defaults.schedule)
-  add("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
-  add("--weight-decay", type=float, default=defaults.weight_decay,
+  add("--warmup-steps", type=non_negative, default=None, help="default: 5%% of --steps")
+  add("--weight-decay", type=_number(0, low_included=True), default=defaults.weight_decay,
       help="decoupled weight decay of the hidden matrices")
-  add("--d-model", type=int, default=defaults.model.d_model)
-  add("--n-layers", type=int, default=defaults.model.n_layers)
-  add("--n-heads", type=int, default=defaults.model.n_heads)
-  add("--mlp-hidden", type=int, default=None, help="default: 3 * d_model")
-  add("--steps", type=int, default=defaults.steps)
-  add("--batch-size", type=int, default=defaults.batch_size)
-  add("--seq-len", type=int, default=defaults.seq_len)
-  add("--seed", type=int, default=defaults.seed)
+  add("--d-model", type=positive, default=defaults.model.d_model)
+  add("--n-layers", type=positive, default=defaults.model.n_layers)
+  add("--n-heads", type=positive, default=defaults.model.n_heads,
+      help="must divide --d-model into an even head dimension")
+  add("--mlp-hidden", type=positive, default=None, help="default: 3 * d_model")
+  add("--steps", type=positive, default=defaults.steps)
+  add("--batch-size", type=positive, default=defaults.batch_size)
+  add("--seq-len", type=positive, default=defaults.seq_len)
+  # jax.random.key takes a 32-bit seed.
+  add("--seed", type=_integer(0, 2**32 - 1), default=defaults.seed)
   add("--data", default=None,
-      help="a text file or a directory of them (default: the Python standard library's sources)")
-  add("--max-bytes", type=int, default=defaults.max_bytes, help="corpus size cap")
-  add("--eval-every", type=int, default=defaults.eval_every)
-  add("--eval-tokens", type=int, default=defaults.eval_tokens)
-  add("--log-every", type=int, default=defaults.log_every)
-  add("--mesh-data", type=int, default=1)
-  add("--mesh-fsdp", type=int, default=1)
-  add("--mesh-tensor", type=int, default=1)
+      help="a text file or a directory of them (default: the Python standard library's sources); "
+           "in a directory, symlinked directories are not followed, symlinked files are read "
+           "only if they lead to a regular file inside it, and FIFOs, sockets and devices are "
+           "skipped")
+  add("--max-bytes", type=positive, default=defaults.max_bytes,
+      help="corpus size cap: no more than this is read from the files")
+  add("--eval-every", type=positive, default=defaults.eval_every)
+  add("--eval-tokens", type=positive, default=defaults.eval_tokens)
+  add("--log-every", type=positive, default=defaults.log_every)
+  add("--mesh-data", type=positive, default=1)
+  add("--mesh-fsdp", type=positive, default=1)
+  add("--mesh-tensor", type=positive, default=1)
   add("--compressed-dp", action="store_true",
       help="Orth-Dion / Dion: keep gradients and momenta per data-parallel replica and average "
            "only the low-rank factors")
   add("--out", default=None, help="run directory (default: runs/<optimizer>)")
-  add("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="0: never")
-  add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+  add("--checkpoint-every", type=non_negative, default=defaults.checkpoint_every,
+      help="0: never")
+  continuation = parser.add_mutually_exclusive_group()
+  continuation.add_argument(
+      "--resume", action="store_true",
+      help="continue from the newest intact checkpoint in --out (an error if there is none)")
+  continuation.add_argument(
+      "--overwrite", action="store_true",
+      help="start afresh although --out holds an earlier run's checkpoints, deleting them; "
+           "refused if its checkpoints/ holds anything else")
   add("--no-progress", dest="progress", action="store_false")
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> TrainConfig:
+  """The TrainConfig of the command line `argv`; any problem with its flags, alone or together,
+  exits through `parser.error` (default: argument_parser()'s)."""
+  parser = parser or argument_parser()
   args = vars(parser.parse_args(argv))
   d_model = args.pop("d_model")
-  model = ModelConfig(d_model=d_model, n_layers=args.pop("n_layers"), n_heads=args.pop("n_heads"),
-                      mlp_hidden=args.pop("mlp_hidden") or 3 * d_model)
-  return TrainConfig(model=model, **args)
+  try:
+    model = ModelConfig(d_model=d_model, n_layers=args.pop("n_layers"),
+                        n_heads=args.pop("n_heads"),
+                        mlp_hidden=args.pop("mlp_hidden") or 3 * d_model)
+  except ValueError as error:
+    parser.error(f"--d-model / --n-heads: {error}")
+  config = TrainConfig(model=model, **args)
+  try:
+    check_config(config)
+  except ValueError as error:
+    parser.error(str(error))
+  return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  config = parse_args(argv)
+  parser = argument_parser()
+  config = parse_args(argv, parser)
   devices = config.mesh_data * config.mesh_fsdp * config.mesh_tensor
   if devices > 1 and "device_count" not in os.environ.get("XLA_FLAGS", ""):
     # Simulated CPU devices; jax reads XLA_FLAGS when the backend starts (first use), not at import.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={devices}")
-  corpus = data_lib.load_corpus(config.data, config.max_bytes)
+  # What can be wrong with the run directory or the data is found here, before any training, and
+  # reported like a bad flag.
+  try:
+    check_run_directory(config)
+    corpus = data_lib.load_corpus(config.data, config.max_bytes)
+    data_lib.check_corpus(corpus, config.seq_len)
+  except (ValueError, OSError) as error:
+    parser.error(str(error))
   entropy = data_lib.unigram_entropy(corpus[0])
   print(f"corpus: {corpus[0].size:,} training and {corpus[1].size:,} validation bytes; unigram "
         f"entropy {entropy:.3f} nats/byte (the loss of a model that ignores context)")
-  records = train(config, corpus)
+  try:
+    records = train(config, corpus)
+  except (CheckpointMismatchError, NoIntactCheckpointError) as error:
+    parser.error(str(error))
   final = [r for r in records if "val_loss" in r][-1]
   plot_losses({config.optimizer: records}, config.out_dir / "loss.png",
               title=f"{config.optimizer}, byte-level LM", unigram_entropy=entropy)
