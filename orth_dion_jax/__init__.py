@@ -25,6 +25,7 @@ from orth_dion_jax.diagnostics import MatrixDiagnostics
 from orth_dion_jax.diagnostics import diagnostics_summary
 from orth_dion_jax.diagnostics import matrix_diagnostics
 from orth_dion_jax.matrix_view import DionDimensionNumbers
+from orth_dion_jax.nonfinite import ScheduleGuardState
 from orth_dion_jax.orthogonalize import orthonormalize
 from orth_dion_jax.transform import LowRankCompressor
 from orth_dion_jax.transform import LowRankState
@@ -40,7 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAM", "LOW_RANK", "AxisGroup", "Collectives", "DionDimensionNumbers",
     "LowRankCompressor", "LowRankState", "MatrixDiagnostics", "OrthDionState",
-    "ReplicaMomenta", "STATIC_ARGS", "average_replica_momenta",
+    "ReplicaMomenta", "STATIC_ARGS", "ScheduleGuardState", "average_replica_momenta",
     "average_replicas", "default_param_labels", "diagnostics_summary", "dion",
     "matrix_diagnostics", "orth_dion", "orthonormalize",
     "per_replica_value_and_grad", "scale_by_error_feedback",

@@ -11,16 +11,15 @@ Each is ``optax.partition`` of two chains (ALGORITHM.md section 8):
 
 from __future__ import annotations
 
-import functools
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from orth_dion_jax import data_parallel
 from orth_dion_jax import matrix_view
+from orth_dion_jax import nonfinite
 from orth_dion_jax import transform
 from orth_dion_jax import validation
 
@@ -33,110 +32,6 @@ ADAM = "adam"
 _ADAM_BY_NAME = re.compile(
     r"(embed|^wte$|^wpe$|^(lm_|output_)?head$|^unembed|^logits$|^vocab)",
     re.IGNORECASE)
-
-
-def _skip_nonfinite_steps(inner: optax.GradientTransformation
-                         ) -> optax.GradientTransformationExtraArgs:
-  """``inner``, except that a step with a NaN/Inf gradient changes nothing.
-
-  ``optax.apply_if_finite`` without its ``lax.cond`` and without giving up.
-  The cond's two branches must agree on dtypes, but its skip branch returns
-  zeros like the gradient while AdamW returns updates (and moments) in the
-  promoted dtype: a bfloat16 gradient for a float32 bias failed to trace.
-  Here ``inner`` always runs, on a zeroed gradient when it is not finite so
-  nothing it computes is NaN, and a select keeps the old state; the updates
-  and state have ``inner``'s own dtypes, as when it runs alone, and the step
-  stays free of control flow.
-
-  The state is optax's ``ApplyIfFiniteState``: ``notfinite_count`` counts the
-  consecutive skipped steps, ``total_notfinite`` all of them.
-  """
-  inner = optax.with_extra_args_support(inner)
-
-  def init_fn(params):
-    return optax.ApplyIfFiniteState(
-        notfinite_count=jnp.zeros([], jnp.int32),
-        last_finite=jnp.array(True),
-        total_notfinite=jnp.zeros([], jnp.int32),
-        inner_state=inner.init(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    finite = functools.reduce(
-        jnp.logical_and,
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)],
-        jnp.array(True))
-    updates = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
-    new_updates, new_inner = inner.update(updates, state.inner_state, params,
-                                          **extra_args)
-    # What the step produces is checked too: a learning-rate schedule's NaN,
-    # or a finite gradient whose square overflows the second moment.
-    finite &= functools.reduce(
-        jnp.logical_and,
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((new_updates,
-                                                            new_inner))
-         if jnp.issubdtype(x.dtype, jnp.inexact)],
-        jnp.array(True))
-    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), new_updates)
-    # The select promotes to the wider dtype; cast back so the state has the
-    # dtypes inner gives it whether the step was taken or skipped.
-    # Step counters advance even on a skipped step: a schedule that is NaN
-    # at one count must not hold every later step at that count.
-    new_inner = jax.tree.map(
-        lambda new, old: (new if jnp.issubdtype(new.dtype, jnp.integer) else
-                          jnp.where(finite, new, old).astype(new.dtype)),
-        new_inner, state.inner_state)
-    return new_updates, optax.ApplyIfFiniteState(
-        notfinite_count=jnp.where(
-            finite, 0, optax.safe_increment(state.notfinite_count)),
-        last_finite=finite,
-        total_notfinite=jnp.where(
-            finite, state.total_notfinite,
-            optax.safe_increment(state.total_notfinite)),
-        inner_state=new_inner)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class ScheduleGuardState(NamedTuple):
-  """State of the low-rank chain's last step (learning rate, weight decay)."""
-  count: jax.Array            # (), int32: steps taken (the schedules' input)
-  nonfinite_count: jax.Array  # (), int32: steps whose lr or wd was not finite
-
-
-def _decay_and_scale_if_finite(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: optax.ScalarOrSchedule,
-) -> optax.GradientTransformation:
-  """``u <- -lr (u + wd X)``: decoupled weight decay and the learning rate.
-
-  ``optax.add_decayed_weights`` then ``optax.scale_by_learning_rate``, except
-  that a step whose ``lr`` or ``wd`` value is NaN or Inf (a schedule gone
-  wrong) is taken with learning rate 0: the parameters do not move and the
-  step is counted in ``ScheduleGuardState.nonfinite_count``. The select is
-  part of the elementwise pass that scales the updates.
-  """
-  resolve = lambda value, count: value(count) if callable(value) else value
-
-  def init_fn(params):
-    del params
-    return ScheduleGuardState(jnp.zeros([], jnp.int32),
-                              jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    lr = jnp.asarray(resolve(learning_rate, state.count), jnp.float32)
-    wd = jnp.asarray(resolve(weight_decay, state.count), jnp.float32)
-    finite = jnp.isfinite(lr) & jnp.isfinite(wd)
-    if params is None:
-      raise ValueError("orth_dion / dion: update needs params (decoupled "
-                       "weight decay reads them).")
-    updates = jax.tree.map(
-        lambda u, x: jnp.where(finite, -lr * (u + wd * x), 0).astype(u.dtype),
-        updates, params)
-    return updates, ScheduleGuardState(
-        optax.safe_increment(state.count),
-        state.nonfinite_count + (~finite).astype(jnp.int32))
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _path_names(path) -> list[str]:
@@ -233,9 +128,9 @@ def _orth_dion_family(
           momentum_dtype=momentum_dtype,
           weight_dimension_numbers=weight_dimension_numbers, mesh=mesh,
           param_specs=param_specs, data_axis=data_axis),
-      _decay_and_scale_if_finite(learning_rate, weight_decay),
+      nonfinite.decay_and_scale_if_finite(learning_rate, weight_decay),
   )
-  adam_chain = _skip_nonfinite_steps(
+  adam_chain = nonfinite.skip_nonfinite_steps(
       optax.adamw(
           learning_rate=(learning_rate if adam_learning_rate is None
                          else adam_learning_rate),

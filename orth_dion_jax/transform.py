@@ -40,6 +40,7 @@ from optax import tree as optax_tree
 
 from orth_dion_jax import low_rank
 from orth_dion_jax import matrix_view
+from orth_dion_jax import nonfinite
 from orth_dion_jax import sharding
 from orth_dion_jax import validation
 from orth_dion_jax.collectives import Collectives
@@ -213,44 +214,6 @@ def _prepare(spec: matrix_view.MatrixSpec, grad: Array,
   return _Prepared(spec, m.astype(dtype) + g.astype(dtype), finite, m.dtype)
 
 
-def _finite_right_factor(q: Array, collectives: Collectives
-                         ) -> tuple[Array, Array]:
-  """The carried ``Q``, or the first r columns of I where it is not finite.
-
-  A right factor restored from a corrupt checkpoint would otherwise make
-  every later step of its matrix non-finite. The replacement is the same on
-  every replica (no randomness) and of full column rank. Returns the factor
-  and the (n,) flag of those that were finite.
-  """
-  c = collectives
-  finite = low_rank.all_finite(q, c)
-  small, rank = q.shape[-2:]
-  eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
-                      axis=-2)
-  return jnp.where(finite[:, None, None], q, eye), finite
-
-
-def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
-                   decays: tuple[Array, Array], dtype,
-                   collectives: Collectives) -> Array:
-  """(n,) bool: the new momentum cannot overflow ``dtype``.
-
-  ``|M'| <= a max|B| + |a - c| max_j ||R_j||``, since the rows of ``P`` have
-  norm <= 1: a bound from quantities the step has, so a float16 momentum is
-  never written as Inf (checking ``M'`` itself would need a pass over it
-  before it may be stored).
-  """
-  a, c = (jnp.reshape(d, (-1,)) for d in decays)
-  r = factors.projected
-  r_max = collectives.everything.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
-  safe = jnp.where(r_max > 0, r_max, 1.0)[:, None, None]
-  row_norms = collectives.everything.max(jnp.max(
-      jnp.sum(jnp.square(r / safe), axis=-1), axis=-1))
-  captured = r_max * jnp.sqrt(row_norms) * factors.moved.reshape(-1)
-  bound = a * b_max + jnp.abs(a - c) * captured
-  return bound <= float(jnp.finfo(dtype).max)
-
-
 class _MatrixStep(NamedTuple):
   update: Array
   momentum: Array | None
@@ -293,7 +256,7 @@ def _finish(
     # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
     decays = tuple(jnp.where(finite, d, 1.0) for d in decays)
     if jnp.finfo(momentum_dtype).max < jnp.finfo(jnp.float32).max:
-      healthy &= _momentum_fits(b_max, factors, decays, momentum_dtype,
+      healthy &= nonfinite.momentum_fits(b_max, factors, decays, momentum_dtype,
                                 collectives)
   step = (finite & healthy & low_rank.all_finite(factors.right, collectives)
           )[:, None, None]
@@ -353,7 +316,7 @@ def _step(
       _prepare(m.localized(g.shape), g, mom, c, schedules_finite)
       for m, g, mom, c in zip(matrices, grads, momenta, collectives)]
   qs, qs_finite = zip(*[
-      _finite_right_factor(q.reshape(-1, p.spec.small, p.spec.rank), c)
+      nonfinite.finite_right_factor(q.reshape(-1, p.spec.small, p.spec.rank), c)
       for p, q, c in zip(prepared, right_factors, collectives)])
   step_key = jax.random.fold_in(jax.random.key(compressor.seed), count)
   factors = low_rank.power_iteration(

@@ -200,23 +200,29 @@ def test_adam_leaves_take_what_optax_adamw_takes(param_dtype, grad_dtype):
     ref_updates, ref_state = ref_update({"b": g["b"]}, ref_state,
                                         {"b": params["b"]})
     assert updates["b"].dtype == ref_updates["b"].dtype
-    chex.assert_trees_all_close(updates["b"], ref_updates["b"], rtol=1e-6)
+    # Rounding may differ by an ulp where the update is computed in a narrow
+    # dtype (the two programs fuse differently).
+    rtol = max(1e-6, 2 * float(jnp.finfo(updates["b"].dtype).eps))
+    chex.assert_trees_all_close(updates["b"], ref_updates["b"], rtol=rtol)
     for ours, theirs in zip(jax.tree.leaves(_adam_state(state).inner_state),
                             jax.tree.leaves(ref_state)):
       assert ours.dtype == theirs.dtype
     return state, ref_state
 
   state, ref_state = step(grads[0], state, ref_state)
-  # A NaN in the bias: nothing moves, the skip is counted.
+  # A NaN in the bias: nothing moves but the step counters, the skip is
+  # counted.
   poisoned = {**grads[1], "b": grads[1]["b"].at[2].set(jnp.nan)}
   updates, skipped = update(poisoned, state, params)
   chex.assert_trees_all_equal(updates["b"], jnp.zeros_like(updates["b"]))
+  counted = lambda tree: jax.tree.map(
+      lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.integer) else x, tree)
   chex.assert_trees_all_equal(_adam_state(skipped).inner_state,
-                              _adam_state(state).inner_state)
+                              counted(_adam_state(state).inner_state))
   chex.assert_tree_all_finite(skipped)
   assert int(_adam_state(skipped).total_notfinite) == 1
-  # And the next finite step is AdamW's second step.
-  step(grads[2], skipped, ref_state)
+  # And the next finite step is AdamW's with the same moments, one count on.
+  step(grads[2], skipped, counted(ref_state))
 
 
 # -- Gradient shapes are checked against the state ---------------------------

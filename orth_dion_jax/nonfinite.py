@@ -1,0 +1,179 @@
+"""The non-finite guard: NaN and Inf never reach parameters or state.
+
+Three places need it, and each is branch-free (selects, no ``lax.cond``; a
+cond's branches would also have to agree on dtypes, and its fallback work
+would add LAPACK calls to order):
+
+* the low-rank step (``transform._finish``): per matrix, the step is taken
+  only when what it consumes and produces is finite (the gradient, the
+  schedules' values, ``B = M + G``, ``R``, the new ``Q``) and the new momentum
+  fits its dtype (``momentum_fits``); a carried ``Q`` that is not finite is
+  replaced first (``finite_right_factor``);
+* the low-rank chain's learning rate and weight decay
+  (``decay_and_scale_if_finite``): a non-finite value means learning rate 0;
+* the AdamW-routed leaves (``skip_nonfinite_steps``).
+
+Why each failure is handled as it is: docs/design.md, "Failure semantics".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from orth_dion_jax import low_rank
+from orth_dion_jax.collectives import Collectives
+
+Array = jax.Array
+
+
+def skip_nonfinite_steps(inner: optax.GradientTransformation
+                         ) -> optax.GradientTransformationExtraArgs:
+  """``inner``, except that a step that would be non-finite changes nothing.
+
+  A step is skipped when the gradient, or what ``inner`` makes of it (its
+  updates and new state: a NaN learning-rate value, a gradient whose square
+  overflows a second moment), is not finite; the moments are kept, the step
+  counters advance (so that a schedule that is NaN at one count does not hold
+  every later step there), and the skip is counted.
+
+  ``optax.apply_if_finite`` without its ``lax.cond`` and without giving up.
+  The cond's two branches must agree on dtypes, but its skip branch returns
+  zeros like the gradient while AdamW returns updates (and moments) in the
+  promoted dtype: a bfloat16 gradient for a float32 bias failed to trace.
+  Here ``inner`` always runs, on a zeroed gradient when it is not finite so
+  nothing it computes is NaN, and a select keeps the old state; the updates
+  and state have ``inner``'s own dtypes, as when it runs alone, and the step
+  stays free of control flow.
+
+  The state is optax's ``ApplyIfFiniteState``: ``notfinite_count`` counts the
+  consecutive skipped steps, ``total_notfinite`` all of them.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32),
+        last_finite=jnp.array(True),
+        total_notfinite=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    finite = functools.reduce(
+        jnp.logical_and,
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)],
+        jnp.array(True))
+    updates = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
+    # What the step produces is checked too: a learning-rate schedule's NaN,
+    # or a finite gradient whose square overflows the second moment.
+    finite &= functools.reduce(
+        jnp.logical_and,
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((new_updates,
+                                                            new_inner))
+         if jnp.issubdtype(x.dtype, jnp.inexact)],
+        jnp.array(True))
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), new_updates)
+    # The select promotes to the wider dtype; cast back so the state has the
+    # dtypes inner gives it whether the step was taken or skipped.
+    # Step counters advance even on a skipped step: a schedule that is NaN
+    # at one count must not hold every later step at that count.
+    new_inner = jax.tree.map(
+        lambda new, old: (new if jnp.issubdtype(new.dtype, jnp.integer) else
+                          jnp.where(finite, new, old).astype(new.dtype)),
+        new_inner, state.inner_state)
+    return new_updates, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(
+            finite, 0, optax.safe_increment(state.notfinite_count)),
+        last_finite=finite,
+        total_notfinite=jnp.where(
+            finite, state.total_notfinite,
+            optax.safe_increment(state.total_notfinite)),
+        inner_state=new_inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScheduleGuardState(NamedTuple):
+  """State of the low-rank chain's last step (learning rate, weight decay)."""
+  count: jax.Array            # (), int32: steps taken (the schedules' input)
+  nonfinite_count: jax.Array  # (), int32: steps whose lr or wd was not finite
+
+
+def decay_and_scale_if_finite(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+) -> optax.GradientTransformation:
+  """``u <- -lr (u + wd X)``: decoupled weight decay and the learning rate.
+
+  ``optax.add_decayed_weights`` then ``optax.scale_by_learning_rate``, except
+  that a step whose ``lr`` or ``wd`` value is NaN or Inf (a schedule gone
+  wrong) is taken with learning rate 0: the parameters do not move and the
+  step is counted in ``ScheduleGuardState.nonfinite_count``. The select is
+  part of the elementwise pass that scales the updates.
+  """
+  resolve = lambda value, count: value(count) if callable(value) else value
+
+  def init_fn(params):
+    del params
+    return ScheduleGuardState(jnp.zeros([], jnp.int32),
+                              jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    lr = jnp.asarray(resolve(learning_rate, state.count), jnp.float32)
+    wd = jnp.asarray(resolve(weight_decay, state.count), jnp.float32)
+    finite = jnp.isfinite(lr) & jnp.isfinite(wd)
+    if params is None:
+      raise ValueError("orth_dion / dion: update needs params (decoupled "
+                       "weight decay reads them).")
+    updates = jax.tree.map(
+        lambda u, x: jnp.where(finite, -lr * (u + wd * x), 0).astype(u.dtype),
+        updates, params)
+    return updates, ScheduleGuardState(
+        optax.safe_increment(state.count),
+        state.nonfinite_count + (~finite).astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def finite_right_factor(q: Array, collectives: Collectives
+                         ) -> tuple[Array, Array]:
+  """The carried ``Q``, or the first r columns of I where it is not finite.
+
+  A right factor restored from a corrupt checkpoint would otherwise make
+  every later step of its matrix non-finite. The replacement is the same on
+  every replica (no randomness) and of full column rank. Returns the factor
+  and the (n,) flag of those that were finite.
+  """
+  c = collectives
+  finite = low_rank.all_finite(q, c)
+  small, rank = q.shape[-2:]
+  eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
+                      axis=-2)
+  return jnp.where(finite[:, None, None], q, eye), finite
+
+
+def momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
+                   decays: tuple[Array, Array], dtype,
+                   collectives: Collectives) -> Array:
+  """(n,) bool: the new momentum cannot overflow ``dtype``.
+
+  ``|M'| <= a max|B| + |a - c| max_j ||R_j||``, since the rows of ``P`` have
+  norm <= 1: a bound from quantities the step has, so a float16 momentum is
+  never written as Inf (checking ``M'`` itself would need a pass over it
+  before it may be stored).
+  """
+  a, c = (jnp.reshape(d, (-1,)) for d in decays)
+  r = factors.projected
+  r_max = collectives.everything.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
+  safe = jnp.where(r_max > 0, r_max, 1.0)[:, None, None]
+  row_norms = collectives.everything.max(jnp.max(
+      jnp.sum(jnp.square(r / safe), axis=-1), axis=-1))
+  captured = r_max * jnp.sqrt(row_norms) * factors.moved.reshape(-1)
+  bound = a * b_max + jnp.abs(a - c) * captured
+  return bound <= float(jnp.finfo(dtype).max)
