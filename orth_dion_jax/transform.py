@@ -256,8 +256,8 @@ def _finish(
     # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
     decays = tuple(jnp.where(finite, d, 1.0) for d in decays)
     if jnp.finfo(momentum_dtype).max < jnp.finfo(jnp.float32).max:
-      healthy &= nonfinite.momentum_fits(b_max, factors, decays, momentum_dtype,
-                                collectives)
+      healthy &= nonfinite.momentum_fits(b_max, factors, decays,
+                                         momentum_dtype, collectives)
   step = (finite & healthy & low_rank.all_finite(factors.right, collectives)
           )[:, None, None]
   # Masks are selects in the elementwise pass that reads each product (a
@@ -316,7 +316,8 @@ def _step(
       _prepare(m.localized(g.shape), g, mom, c, schedules_finite)
       for m, g, mom, c in zip(matrices, grads, momenta, collectives)]
   qs, qs_finite = zip(*[
-      nonfinite.finite_right_factor(q.reshape(-1, p.spec.small, p.spec.rank), c)
+      nonfinite.finite_right_factor(
+          q.reshape(-1, p.spec.small, p.spec.rank), c)
       for p, q, c in zip(prepared, right_factors, collectives)])
   step_key = jax.random.fold_in(jax.random.key(compressor.seed), count)
   factors = low_rank.power_iteration(
