@@ -9,6 +9,7 @@ matrix whose last step captured nothing (P = 0) reports nu = 0.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -44,6 +45,22 @@ def spectral_norm(q: Array) -> Array:
   return norm
 
 
+def _gram(q: Array) -> Array:
+  """Q^T Q of each (k, r) matrix, laid out whole on every device.
+
+  Over an Explicit mesh the type of a sharded ``Q`` says how its rows are
+  split, and a product over split rows has no implied layout: it is asked
+  for, replicated (r x r pieces), as the eigenvalue call needs them whole.
+  """
+  sharding = jax.typeof(q).sharding
+  spec = getattr(sharding, "spec", None)
+  if spec is not None and any(axis is not None for axis in spec):
+    return jnp.einsum("...kr,...ks->...rs", q, q,
+                      out_sharding=jax.sharding.NamedSharding(
+                          sharding.mesh, jax.sharding.PartitionSpec()))
+  return jnp.einsum("...kr,...ks->...rs", q, q)
+
+
 def _spectral_norms(qs: list[Array]) -> list[Array]:
   """``spectral_norm`` of each array of ``qs``, one eigenvalue call per r.
 
@@ -55,14 +72,16 @@ def _spectral_norms(qs: list[Array]) -> list[Array]:
   for i, q in enumerate(qs):
     by_rank.setdefault(q.shape[-1], []).append(i)
   out: list[Array | None] = [None] * len(qs)
-  previous = qs
+  grams = [_gram(q.astype(jnp.float32)) for q in qs]
+  # Whole r x r Grams of every Q: waiting for them is waiting for the
+  # update's last QR.
+  previous = grams
   for members in by_rank.values():
-    grams = [jnp.einsum("...kr,...ks->...rs", qs[i].astype(jnp.float32),
-                        qs[i].astype(jnp.float32)) for i in members]
-    flat = jnp.concatenate([g.reshape(-1, *g.shape[-2:]) for g in grams])
+    flat = jnp.concatenate([grams[i].reshape(-1, *grams[i].shape[-2:])
+                            for i in members])
     previous = jnp.linalg.eigvalsh(after(flat, previous))[:, -1]
     offset = 0
-    for i, g in zip(members, grams):
+    for i, g in zip(members, [grams[i] for i in members]):
       size = math.prod(g.shape[:-2])
       top = previous[offset:offset + size].reshape(g.shape[:-2])
       out[i] = jnp.sqrt(jnp.maximum(top, 0.0))
@@ -100,12 +119,15 @@ def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
   per_matrix = matrix_diagnostics(opt_state)
   if not per_matrix:
     return {}
-  cat = lambda field: jnp.concatenate(
-      [jnp.ravel(getattr(d, field)) for d in per_matrix.values()])
-  nu = cat("nu")
+  # Reduced leaf by leaf, then combined: leaves split over different mesh
+  # axes (an Explicit mesh) cannot be concatenated, their scalars can.
+  matrices = sum(d.nu.size for d in per_matrix.values())
+  over = lambda reduce, field: [reduce(getattr(d, field))
+                                for d in per_matrix.values()]
   return {
-      "nu_mean": jnp.mean(nu),
-      "nu_max": jnp.max(nu),
-      "captured_fraction_mean": jnp.mean(cat("captured_fraction")),
-      "nonfinite_skips": jnp.sum(cat("nonfinite_count")),
+      "nu_mean": sum(over(jnp.sum, "nu")) / matrices,
+      "nu_max": functools.reduce(jnp.maximum, over(jnp.max, "nu")),
+      "captured_fraction_mean": sum(over(jnp.sum, "captured_fraction"))
+                                / matrices,
+      "nonfinite_skips": sum(over(jnp.sum, "nonfinite_count")),
   }

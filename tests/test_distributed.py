@@ -454,3 +454,19 @@ def test_compressed_gradients_need_the_replica_axis():
     state = jax.jit(tx.init)(params)
     with pytest.raises(ValueError, match="leading axis of 2 replicas"):
       jax.jit(tx.update)(params, state, params)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
+                         ids=["explicit", "auto"])
+def test_diagnostics_of_a_sharded_state_match_single_device(axis_type):
+  # Dion, so that nu differs from matrix to matrix and from 1.
+  mesh, _, state = _run_sharded((2, 2, 2), compressed=False,
+                                right_factor="column", axis_type=axis_type)
+  _, ref_state = _single_device(2, "column", "cholesky_qr")
+  expected = od.diagnostics_summary(ref_state)
+  assert float(expected["nu_max"]) > 1.01
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(od.diagnostics_summary)(state)
+  for summary in (jitted, od.diagnostics_summary(state)):
+    for key in ("nu_mean", "nu_max", "captured_fraction_mean"):
+      _assert_close(summary[key], expected[key], key)
