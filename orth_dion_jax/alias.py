@@ -15,6 +15,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from orth_dion_jax import data_parallel
@@ -73,6 +74,27 @@ def _labels_fn(weight_dimension_numbers, param_labels) -> Callable:
   return from_dimension_numbers
 
 
+def _check_gradient_shapes(updates, params, *, replica_axis: bool) -> None:
+  """Every gradient leaf has its parameter's shape, or a ValueError names it.
+
+  Checked for every leaf, whichever transformation it goes to: AdamW would
+  broadcast a (1,)-shaped gradient onto a bias without a word. With
+  ``replica_axis`` (compressed data parallelism) a leading replica axis is
+  expected.
+  """
+  updates = transform._without_variable_boxes(updates)
+  params = transform._without_variable_boxes(params)
+  for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
+                          transform._flatten_like(updates, params,
+                                                  "the parameters")):
+    shape, expected = jnp.shape(g), jnp.shape(p)
+    if shape != expected and not (replica_axis and shape[1:] == expected):
+      raise ValueError(
+          f"{jax.tree_util.keystr(path)}: the gradient has shape {shape}, "
+          f"but the parameter has shape {expected}"
+          + (" (plus a leading replica axis)" if replica_axis else "") + ".")
+
+
 def _partition_by_params(transforms: dict, labels_fn: Callable, *,
                          params_required: bool
                          ) -> optax.GradientTransformationExtraArgs:
@@ -88,7 +110,14 @@ def _partition_by_params(transforms: dict, labels_fn: Callable, *,
   # Labels read off bare arrays are a prefix of the tree whether or not its
   # leaves are in nnx Variable boxes (nnx.Optimizer boxes them for init, not
   # for update), so init and update mask the same subtrees.
-  labels_of = lambda tree: labels_fn(transform._without_variable_boxes(tree))
+  def labels_of(tree):
+    labels = labels_fn(transform._without_variable_boxes(tree))
+    for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]:
+      if label not in transforms:
+        raise ValueError(
+            f"{jax.tree_util.keystr(path)}: param_labels gives it the label "
+            f"{label!r}; the labels are {tuple(transforms)}.")
+    return labels
 
   def init_fn(params):
     return optax.partition(transforms, labels_of(params)).init(params)
@@ -97,6 +126,8 @@ def _partition_by_params(transforms: dict, labels_fn: Callable, *,
     if params is None and params_required:
       raise ValueError("With data_axis set, update needs params: the routing "
                        "labels are read from the parameters' shapes.")
+    if params is not None:
+      _check_gradient_shapes(updates, params, replica_axis=params_required)
     labels = labels_of(updates if params is None else params)
     return optax.partition(transforms, labels).update(
         updates, state, params, **extra_args)

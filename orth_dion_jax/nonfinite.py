@@ -31,6 +31,15 @@ from orth_dion_jax.collectives import Collectives
 Array = jax.Array
 
 
+def _all_finite(tree) -> Array:
+  """() bool: every floating leaf of ``tree`` is finite."""
+  return functools.reduce(
+      jnp.logical_and,
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+       if jnp.issubdtype(x.dtype, jnp.inexact)],
+      jnp.array(True))
+
+
 def skip_nonfinite_steps(inner: optax.GradientTransformation
                          ) -> optax.GradientTransformationExtraArgs:
   """``inner``, except that a step that would be non-finite changes nothing.
@@ -63,21 +72,21 @@ def skip_nonfinite_steps(inner: optax.GradientTransformation
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    finite = functools.reduce(
-        jnp.logical_and,
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)],
-        jnp.array(True))
+    # Moments restored non-finite (a corrupt checkpoint) would fail the check
+    # below on every later step: they restart from zero, and the step that
+    # finds them is skipped and counted.
+    state_finite = _all_finite(state.inner_state)
+    inner_state = jax.tree.map(
+        lambda x: (x if not jnp.issubdtype(x.dtype, jnp.inexact) else
+                   jnp.where(state_finite, x, 0).astype(x.dtype)),
+        state.inner_state)
+    finite = _all_finite(updates)
     updates = jax.tree.map(lambda g: jnp.where(finite, g, 0), updates)
-    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+    new_updates, new_inner = inner.update(updates, inner_state, params,
                                           **extra_args)
     # What the step produces is checked too: a learning-rate schedule's NaN,
     # or a finite gradient whose square overflows the second moment.
-    finite &= functools.reduce(
-        jnp.logical_and,
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((new_updates,
-                                                            new_inner))
-         if jnp.issubdtype(x.dtype, jnp.inexact)],
-        jnp.array(True))
+    finite &= state_finite & _all_finite((new_updates, new_inner))
     new_updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), new_updates)
     # The select promotes to the wider dtype; cast back so the state has the
     # dtypes inner gives it whether the step was taken or skipped.
@@ -86,7 +95,7 @@ def skip_nonfinite_steps(inner: optax.GradientTransformation
     new_inner = jax.tree.map(
         lambda new, old: (new if jnp.issubdtype(new.dtype, jnp.integer) else
                           jnp.where(finite, new, old).astype(new.dtype)),
-        new_inner, state.inner_state)
+        new_inner, inner_state)
     return new_updates, optax.ApplyIfFiniteState(
         notfinite_count=jnp.where(
             finite, 0, optax.safe_increment(state.notfinite_count)),
@@ -143,15 +152,18 @@ def decay_and_scale_if_finite(
 
 def finite_right_factor(q: Array, collectives: Collectives
                          ) -> tuple[Array, Array]:
-  """The carried ``Q``, or the first r columns of I where it is not finite.
+  """The carried ``Q``, or the first r columns of I where it is not usable.
 
   A right factor restored from a corrupt checkpoint would otherwise make
-  every later step of its matrix non-finite. The replacement is the same on
-  every replica (no randomness) and of full column rank. Returns the factor
-  and the (n,) flag of those that were finite.
+  every later step of its matrix non-finite (or, all zero, skipped). The
+  replacement is the same on every replica (no randomness) and of full
+  column rank. Returns the factor and the (n,) flag of those that were
+  usable.
   """
   c = collectives
-  finite = low_rank.all_finite(q, c)
+  # An all-zero Q is as unusable (B Q = 0: the matrix would never step again).
+  largest = c.everything.max(jnp.max(jnp.abs(q), axis=(-2, -1)))
+  finite = jnp.isfinite(largest) & (largest > 0)
   small, rank = q.shape[-2:]
   eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
                       axis=-2)

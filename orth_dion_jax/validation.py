@@ -40,7 +40,7 @@ def _concrete(name: str, value: Any) -> float | None:
   except (TypeError, ValueError):
     array = None   # e.g. a ragged list: refused below, naming the argument
   # np.asarray("0.1") is a string array that float() would accept.
-  if array is None or array.dtype.kind not in "biuf" or array.size != 1:
+  if array is None or array.dtype.kind not in "iuf" or array.size != 1:
     raise TypeError(f"{name} must be a real number, a scalar array or a "
                     f"schedule, got {type(value).__name__} {value!r}.")
   return float(array.reshape(()))
@@ -123,6 +123,8 @@ def check_float_dtype(name: str, value: Any) -> None:
   except TypeError as e:
     raise TypeError(f"{name} must be a floating dtype such as jnp.bfloat16, "
                     f"got {value!r}.") from e
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{name} must be a floating dtype such as jnp.bfloat16, "
-                     f"got {dtype.name}.")
+  # 8-bit floats have too few bits for the error feedback's residuals, and
+  # jnp does not promote them with float32 gradients.
+  if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
+    raise ValueError(f"{name} must be a floating dtype of 16 bits or more, "
+                     f"such as jnp.bfloat16, got {dtype.name}.")

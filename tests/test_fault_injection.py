@@ -53,16 +53,27 @@ def _low_rank_states(opt_state):
           if is_state(s)]
 
 
-def _replace_low_rank_leaf(opt_state, field: str, name: str, fn):
-  """``opt_state`` with ``fn`` applied to one matrix's momentum or factor."""
+def _corrupt_low_rank(field: str, name: str, fn):
+  """A fault: ``fn`` applied to one matrix's momentum or right factor."""
   def visit(s):
     if not isinstance(s, orth_dion_jax.OrthDionState):
       return s
     tree = dict(getattr(s, field))
     tree[name] = fn(tree[name])
     return s._replace(**{field: tree})
-  return jax.tree.map(visit, opt_state, is_leaf=lambda s: isinstance(
-      s, orth_dion_jax.OrthDionState))
+  return lambda opt_state: jax.tree.map(
+      visit, opt_state,
+      is_leaf=lambda s: isinstance(s, orth_dion_jax.OrthDionState))
+
+
+def _corrupt_adam_first_moment(opt_state):
+  """A fault: a NaN in AdamW's first moment of the bias."""
+  def visit(s):
+    if not isinstance(s, optax.ScaleByAdamState):
+      return s
+    return s._replace(mu={**s.mu, "b": s.mu["b"].at[0].set(jnp.nan)})
+  return jax.tree.map(visit, opt_state,
+                      is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
 
 
 def _skip_count(opt_state) -> int:
@@ -94,9 +105,14 @@ FAULTS = {
         {"momentum_dtype": jnp.float16},
         lambda g: _matrices_scaled_to(g, 1e5), None),
     "nan_in_momentum": (
-        {}, None, ("momentum", "w1", lambda m: m.at[2, 5].set(jnp.nan))),
+        {}, None, _corrupt_low_rank("momentum", "w1",
+                                    lambda m: m.at[2, 5].set(jnp.nan))),
     "inf_in_right_factor": (
-        {}, None, ("right_factor", "w2", lambda q: q.at[0, 0].set(jnp.inf))),
+        {}, None, _corrupt_low_rank("right_factor", "w2",
+                                    lambda q: q.at[0, 0].set(jnp.inf))),
+    "zero_right_factor": (
+        {}, None, _corrupt_low_rank("right_factor", "w1", jnp.zeros_like)),
+    "nan_in_adamw_moment": ({}, None, _corrupt_adam_first_moment),
     "mu_schedule_nan": (
         {"mu": lambda c: _at_fault(c, 0.95, jnp.nan)}, None, None),
     "eps_schedule_nan": (
@@ -138,8 +154,7 @@ def test_fault_never_reaches_params_or_state_and_training_recovers(
   for i in range(STEPS):
     faulty = i == FAULT_STEP
     if faulty and state_fault is not None:
-      field, name, corrupt = state_fault
-      opt_state = _replace_low_rank_leaf(opt_state, field, name, corrupt)
+      opt_state = state_fault(opt_state)
     params, opt_state, loss = step(params, opt_state, faulty)
     losses.append(float(loss))
     chex.assert_tree_all_finite(params)

@@ -36,6 +36,7 @@ BAD_SHARED = [
     (dict(momentum_dtype=jnp.bool_), ValueError, "momentum_dtype"),
     (dict(momentum_dtype=jnp.complex64), ValueError, "momentum_dtype"),
     (dict(momentum_dtype="not a dtype"), TypeError, "momentum_dtype"),
+    (dict(momentum_dtype=jnp.float8_e4m3fn), ValueError, "momentum_dtype"),
 ]
 # Arguments only the orth_dion / dion aliases have.
 BAD_ALIAS = [
@@ -44,6 +45,7 @@ BAD_ALIAS = [
     (dict(learning_rate=-0.1), ValueError, "learning_rate"),
     (dict(learning_rate=jnp.float32(NAN)), ValueError, "learning_rate"),
     (dict(learning_rate="0.1"), TypeError, "learning_rate"),
+    (dict(learning_rate=True), TypeError, "learning_rate"),
     (dict(adam_learning_rate=NAN), ValueError, "adam_learning_rate"),
     (dict(adam_learning_rate=INF), ValueError, "adam_learning_rate"),
     (dict(adam_learning_rate=-0.1), ValueError, "adam_learning_rate"),
@@ -340,3 +342,22 @@ def test_nnx_variable_trees_go_through_init_and_update(factory):
     pure_params = optax.apply_updates(pure_params, pure_updates)
     nnx.update(model, params)
   assert _loss(model, x) < loss_before
+
+
+# -- Every leaf's gradient, AdamW's too, is checked against its parameter ---
+
+@pytest.mark.parametrize("bad", [(15,), (1,), ()], ids=str)
+def test_adam_leaf_gradient_of_another_shape_names_the_path(bad):
+  params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros((16,))}
+  tx = orth_dion_jax.orth_dion(LR, rank=2)
+  state = tx.init(params)
+  grads = {"w": jnp.ones((16, 8)), "b": jnp.ones(bad)}
+  with pytest.raises(ValueError, match=r"\['b'\].*\(16,\)"):
+    tx.update(grads, state, params)
+
+
+def test_unknown_param_label_names_the_path():
+  params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros((16,))}
+  tx = orth_dion_jax.orth_dion(LR, param_labels={"w": "lowrank", "b": "adam"})
+  with pytest.raises(ValueError, match=r"\['w'\].*'lowrank'"):
+    tx.init(params)
