@@ -3,18 +3,19 @@
 A checkpoint holds three items: "state", the model's and the optimizer's arrays (for Orth-Dion and
 Dion: momenta, low-rank right factors, AdamW moments, step counts); "data", the position of the
 batch stream as JSON; and "checksums", JSON again: the dtype, shape and sha256 of every array of
-"state", and the data position. The three are one orbax save, committed by one rename, so no
-checkpoint has arrays without their checksums.
+"state", the data position, and the flags of the run that the state depends on. The three are one
+orbax save, committed by one rename, so no checkpoint has arrays without their checksums.
 
 Restoring reads every array straight onto the sharding the freshly built model already has, so a
-run can resume on a different mesh. Before reading, the saved shapes and dtypes are compared with
-the model's: a mismatch is an error naming each offending array, never a reshape, and never a
-reason to try another checkpoint (it means other flags, not damage). A checkpoint that cannot be
-read (each array is first read on its own, so that a missing or cut file fails one read, cleanly),
-or whose arrays differ from their checksums, is damaged: a warning names its step, its directory
-and what failed, and the next older one is tried. When an older one restores, the
-damaged newer ones are moved to <checkpoint directory>_corrupt/ (kept for inspection, and out of
-the way of the resumed run's own saves at those steps); when none does, NoIntactCheckpointError.
+run can resume on a different mesh. First, each array is read on its own, before orbax reads
+anything, so that a missing or cut file fails one read, cleanly. Then the recorded flags, and the
+saved shapes and dtypes, are compared with the run's: a difference is an error naming each
+offending flag or array, never a reshape, and never a reason to try another checkpoint (it means
+other flags, not damage). A checkpoint that cannot be read, or whose arrays differ from their
+checksums, is damaged: a warning names its step, its directory and what failed, and the next older
+one is tried. When an older one restores, the damaged newer ones are moved to <checkpoint
+directory>_corrupt/ (kept for inspection, and out of the way of the resumed run's own saves at
+those steps); when none does, NoIntactCheckpointError.
 """
 
 from __future__ import annotations
@@ -33,11 +34,44 @@ from flax import nnx
 
 # What orbax names a step's directory: the step, with a suffix while the save is in flight (a run
 # killed mid-save leaves that one behind).
-_STEP_DIRECTORY = re.compile(r"\d+(" + re.escape(ocp.utils.TMP_DIR_SUFFIX) + r".*)?")
+_TMP = "(" + re.escape(ocp.utils.TMP_DIR_SUFFIX) + ".*)?"
+_STEP_DIRECTORY = re.compile(r"\d+" + _TMP)
+# What orbax writes in a step's directory, as {name pattern: what it is}: None for a file, a
+# directory's own such dict otherwise. tensorstore writes a file through "<name>.__lock", which a
+# killed save can leave behind. The items are this module's: "state", an OCDBT database of the
+# arrays (its data files are named by 32 hex digits) and their metadata; "data" and "checksums",
+# one JSON file each. An item's directory is suffixed too until orbax finalizes it.
+_LOCK = r"(\.__lock)?"
+_OCDBT = {"d": {"[0-9a-f]{32}" + _LOCK: None}, r"manifest\.ocdbt" + _LOCK: None}
+_STEP_CONTENTS = {
+    r"(_CHECKPOINT_METADATA|commit_success\.txt)" + _LOCK: None,
+    "state" + _TMP: {r"(_METADATA|_sharding|commit_success\.txt)" + _LOCK: None,
+                     "array_metadatas": {r"process_\d+" + _LOCK: None},
+                     r"ocdbt\.process_\d+": _OCDBT, **_OCDBT},
+    "(data|checksums)" + _TMP: {r"(metadata|commit_success\.txt)" + _LOCK: None},
+}
+
+
+def _not_in(directory: pathlib.Path, contents: dict[str, Any], name: str) -> list[str]:
+  """The paths ("<name>/...") of the entries of `directory` that `contents` does not describe."""
+  foreign = []
+  for entry in sorted(directory.iterdir()):
+    kind = next((kind for pattern, kind in contents.items() if re.fullmatch(pattern, entry.name)),
+                False)
+    if kind is False or entry.is_symlink() or entry.is_dir() != (kind is not None):
+      # A name orbax does not write here, a symlink (orbax writes none), or a file for a directory.
+      foreign.append(f"{name}/{entry.name}")
+    elif kind is not None:
+      foreign += _not_in(entry, kind, f"{name}/{entry.name}")
+  return foreign
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint's arrays do not fit the model and optimizer being restored into."""
+
+
+class FlagMismatchError(CheckpointMismatchError):
+  """The checkpoint was written by a run with other flags (optimizer, seed, model shape...)."""
 
 
 class NoIntactCheckpointError(RuntimeError):
@@ -48,11 +82,26 @@ class _Damaged(Exception):
   """A damaged checkpoint: unreadable, or not what was saved; the message says how."""
 
 
+def not_written_by_orbax(path: pathlib.Path) -> list[str]:
+  """What in `path`, an entry of a checkpoint directory, orbax did not write, as paths relative to
+  that directory: [] if `path` is a step directory orbax wrote.
+
+  That is a real directory (a symlink is not one, whatever its name) named "<step>", or
+  "<step>.orbax-checkpoint-tmp..." while (or since a killed run was) writing it, which holds only
+  what orbax writes there (_STEP_CONTENTS), and something, unless it is an unfinished save: the
+  name alone does not make a directory orbax's.
+  """
+  if path.is_symlink() or not path.is_dir() or not _STEP_DIRECTORY.fullmatch(path.name):
+    return [path.name]
+  if path.name.isdigit() and not any(path.iterdir()):  # orbax renames a save once it is written
+    return [f"{path.name} (empty)"]
+  return _not_in(path, _STEP_CONTENTS, path.name)
+
+
 def is_step_directory(path: pathlib.Path) -> bool:
-  """Whether `path` is a step directory orbax writes: "<step>", or "<step>.orbax-checkpoint-tmp..."
-  while (or since a killed run was) writing it. A symlink is not one, whatever its name."""
-  return (path.is_dir() and not path.is_symlink()
-          and _STEP_DIRECTORY.fullmatch(path.name) is not None)
+  """Whether `path` is a step directory orbax wrote (see not_written_by_orbax): what --overwrite
+  may delete."""
+  return not not_written_by_orbax(path)
 
 
 def committed_steps(directory: pathlib.Path) -> list[int]:
@@ -117,9 +166,9 @@ def _read_every_array(state_directory: pathlib.Path) -> None:
   at a time, and drops the values.
 
   A deleted or cut file then fails one synchronous read, with tensorstore's message. Left to
-  orbax's restore, it fails one of many concurrent reads; the restore gives up with the others in
-  flight, and those print hundreds of tracebacks ("Event loop is closed", "Exception ignored in")
-  from tensorstore's threads and the garbage collector.
+  orbax (its restore, or its metadata, which opens every array), it fails one of many concurrent
+  reads; orbax gives up with the others in flight, and those print hundreds of tracebacks ("Event
+  loop is closed", "Exception ignored in") from tensorstore's threads and the garbage collector.
   """
   base = {"driver": "file", "path": f"{state_directory}/"}
   store = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
@@ -130,6 +179,22 @@ def _read_every_array(state_directory: pathlib.Path) -> None:
                "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"},
                # A chunk missing is damage, not an array of fill values.
                "fill_missing_data_reads": False}).result().read().result()
+
+
+def _check_flags(recorded: dict[str, Any], flags: dict[str, Any], where: pathlib.Path) -> None:
+  """Raises FlagMismatchError naming, one line each, every flag whose value differs from the one
+  `recorded` in the checkpoint at `where`. Only flags both record are compared: one that only some
+  optimizers have (--rank-fraction) is moot when --optimizer differs, which is its own line."""
+
+  def shown(value: Any) -> str:
+    return "the default" if value is None else str(value)  # None: the flag was not given
+
+  differ = [f"  {flag}: {shown(recorded[flag])} in the checkpoint, {shown(flags[flag])} now"
+            for flag in sorted(recorded.keys() & flags.keys()) if recorded[flag] != flags[flag]]
+  if differ:
+    raise FlagMismatchError(
+        f"the checkpoint at {where} was written with other flags (pass its values to resume it, "
+        "or choose another --out):\n" + "\n".join(differ))
 
 
 class Checkpointer:
@@ -147,26 +212,32 @@ class Checkpointer:
                        "checksums": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, *,
-           data_position: int) -> None:
+           data_position: int, flags: dict[str, Any] | None = None) -> None:
     """Starts an asynchronous save; a run killed before it finishes keeps the previous one.
 
     The checksums are taken now, before the save starts, from host copies of the arrays being
-    saved: they describe what the run had, not what the writer may have made of it.
+    saved: they describe what the run had, not what the writer may have made of it. `flags`
+    ({flag: value}, JSON) are recorded with them, for restore_latest to compare.
     """
     state = _pure_state(model, optimizer)
     data = {"position": data_position}
+    checksums = {"arrays": array_checksums(state), "data": data}
+    if flags is not None:
+      checksums["flags"] = flags
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data),
-        checksums=ocp.args.JsonSave({"arrays": array_checksums(state), "data": data})))
+        checksums=ocp.args.JsonSave(checksums)))
 
-  def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer) -> int | None:
+  def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer, *,
+                     flags: dict[str, Any] | None = None) -> int | None:
     """Loads the newest intact checkpoint into `model` and `optimizer` in place.
 
     Returns its data position, or None when there is no checkpoint. Damaged checkpoints are
     skipped with a warning each, and moved aside if an older one restores; if all are damaged,
     NoIntactCheckpointError. CheckpointMismatchError if the newest readable one was written for
-    another model or optimizer.
+    another model or optimizer; FlagMismatchError, before that, if it recorded `flags` (see save)
+    that differ from the given ones. A checkpoint that recorded none is not compared.
     """
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -174,7 +245,7 @@ class Checkpointer:
     damaged = []  # (step, what failed), newest first
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self._restore_verified(step, target)
+        restored = self._restore_verified(step, target, flags)
       except _Damaged as error:
         reason = str(error)
       else:
@@ -194,14 +265,35 @@ class Checkpointer:
           + "; ".join(f"step {step}: {reason}" for step, reason in damaged))
     return None
 
-  def _restore_verified(self, step: int, target: Any) -> dict[str, Any]:
+  def _restore_verified(self, step: int, target: Any,
+                        flags: dict[str, Any] | None) -> dict[str, Any]:
     """The items of the checkpoint at `step`, its arrays read onto `target`'s shardings and
-    compared with their checksums. Raises _Damaged on anything missing, unreadable or altered, and
-    CheckpointMismatchError (from check_compatible) if it was written for another model.
+    compared with their checksums. Raises _Damaged on anything missing, unreadable or altered;
+    FlagMismatchError if it recorded other `flags`, CheckpointMismatchError (from
+    check_compatible) if it was written for another model.
 
     Missing, cut or garbled files surface as whatever orbax, tensorstore or json raise, hence the
     broad excepts: each of those errors means the checkpoint cannot be read.
     """
+    where = self.directory / str(step)
+    # Every array is read on its own first, before orbax is asked for anything: orbax's metadata
+    # read opens every array concurrently too, and a damaged database (a cut manifest.ocdbt)
+    # failing those reads leaves the others in flight, printing "Event loop is closed" tracebacks.
+    try:
+      _read_every_array(where / "state")
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      raise _Damaged(f"it cannot be read: {_describe(error)}") from error
+    # The JSON item alone (no arrays), for the flags: they explain a mismatch better than shapes.
+    try:
+      checksums = self.manager.restore(step, args=ocp.args.Composite(
+          checksums=ocp.args.JsonRestore()))["checksums"]
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      raise _Damaged(f"its checksums cannot be read: {_describe(error)}") from error
+    # A flipped bit in the checksums' own JSON can leave it valid JSON of another shape.
+    if not isinstance(checksums, dict) or not isinstance(checksums.get("arrays"), dict):
+      raise _Damaged("its checksums are garbled")
+    if flags is not None and isinstance(checksums.get("flags"), dict):
+      _check_flags(checksums["flags"], flags, where)
     try:
       items = self.manager.metadata(step).item_metadata
     except Exception as error:  # pylint: disable=broad-exception-caught
@@ -209,18 +301,12 @@ class Checkpointer:
     saved = items.get("state") if items is not None else None
     if saved is None:
       raise _Damaged("the metadata of its arrays is missing")
-    check_compatible(saved, target, where=f"{self.directory / str(step)}")
+    check_compatible(saved, target, where=f"{where}")
     try:
-      _read_every_array(self.directory / str(step) / "state")
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-          checksums=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except Exception as error:  # pylint: disable=broad-exception-caught
       raise _Damaged(f"it cannot be read: {_describe(error)}") from error
-    checksums = restored["checksums"]
-    # A flipped bit in the checksums' own JSON can leave it valid JSON of another shape.
-    if not isinstance(checksums, dict) or not isinstance(checksums.get("arrays"), dict):
-      raise _Damaged("its checksums are garbled")
     recorded, actual = checksums["arrays"], array_checksums(restored["state"])
     altered = sorted(path for path in recorded.keys() | actual.keys()
                      if recorded.get(path) != actual.get(path))

@@ -38,7 +38,7 @@ def text_files(path: str | pathlib.Path) -> list[pathlib.Path]:
   Below a directory, only what lies inside it is read: symlinked directories are not followed, and
   a symlinked file is read only if it leads to a regular file inside the directory (a link to
   /proc/self/environ or ~/.ssh/id_rsa is skipped). FIFOs, sockets and devices are skipped: reading
-  one would block or never end.
+  one would block or never end. So are symlinks that cannot be resolved (a loop).
   """
   path = pathlib.Path(path)
   if path.is_file():
@@ -52,7 +52,10 @@ def text_files(path: str | pathlib.Path) -> list[pathlib.Path]:
   for directory, _, names in os.walk(path):  # os.walk leaves symlinked directories alone
     for name in names:
       file = pathlib.Path(directory, name)
-      target = file.resolve()  # the file itself, unless it is a symlink
+      try:
+        target = file.resolve()  # the file itself, unless it is a symlink
+      except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13), EACCES
+        continue
       if target.is_relative_to(root) and target.is_file():
         files.append(file)
   if not files:
@@ -105,8 +108,9 @@ def check_corpus(corpus: tuple[np.ndarray, np.ndarray], seq_len: int) -> None:
 def unigram_entropy(data: np.ndarray) -> float:
   """Entropy in nats of the byte frequencies: the loss of the best model that ignores context."""
   counts = np.bincount(data, minlength=256).astype(np.float64)
-  p = counts[counts > 0] / counts.sum()
-  return float(-(p * np.log(p)).sum())
+  counts = counts[counts > 0]
+  # p log(1/p) rather than -(p log p): each term is >= 0, so one byte value gives 0.0, not -0.0.
+  return float((counts / counts.sum() * np.log(counts.sum() / counts)).sum())
 
 
 @dataclasses.dataclass

@@ -10,7 +10,9 @@
 Writes to --out (default runs/<optimizer>): metrics.jsonl (one JSON record per step, and one per
 validation), loss.png, and orbax checkpoints under checkpoints/. A run refuses to start while
 checkpoints/ holds anything, unless told to --resume that run or to --overwrite its checkpoints;
---overwrite deletes only the step directories orbax wrote, and refuses if there is anything else.
+--overwrite deletes only the step directories orbax wrote (recognised by their contents, not their
+name alone), and refuses if there is anything else. --resume refuses a checkpoint written with
+other flags (run_flags).
 A fresh or --overwrite run rewrites metrics.jsonl and loss.png. The hidden weight matrices
 (attention and MLP projections) get the chosen spectral optimizer; the embedding, the output head
 and the norm scales get AdamW, as in the Dion reference.
@@ -43,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import orth_dion_jax
 from examples import data as data_lib
 from examples.checkpointing import (CheckpointMismatchError, Checkpointer, NoIntactCheckpointError,
-                                    committed_steps, is_step_directory)
+                                    committed_steps, is_step_directory, not_written_by_orbax)
 from examples.model import (VOCAB_SIZE, ModelConfig, Transformer, cross_entropy,
                             dimension_numbers, hidden_matrix_mask, partition_specs)
 
@@ -89,7 +91,8 @@ class TrainConfig:
 
   @property
   def out_dir(self) -> pathlib.Path:
-    return pathlib.Path(self.out or os.path.join("runs", self.optimizer))
+    # An empty --out is refused (check_config), not taken for the default.
+    return pathlib.Path(os.path.join("runs", self.optimizer) if self.out is None else self.out)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -177,16 +180,25 @@ def check_mesh(config: TrainConfig) -> None:
       raise ValueError(f"{name} {size} is not divisible by the {devices} devices of {axes}")
   if config.compressed_dp and config.optimizer not in ("orth_dion", "dion"):
     raise ValueError(f"--compressed-dp needs orth_dion or dion, not {config.optimizer!r}")
+  # It averages over the "data" replicas: with one there is nothing to compress, and no mesh.
+  if config.compressed_dp and config.mesh_data == 1:
+    raise ValueError("--compressed-dp needs --mesh-data > 1")
 
 
 def check_config(config: TrainConfig) -> None:
   """Raises ValueError for settings that cannot run together: an unknown optimizer or schedule, a
-  mesh the batch or the weights do not split over, or --resume without checkpoints or with
-  --overwrite."""
+  warmup longer than the run, a mesh the batch or the weights do not split over, an empty --out,
+  or --resume without checkpoints or with --overwrite."""
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
   if config.schedule not in SCHEDULES:
     raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
+  if config.warmup_steps is not None and config.warmup_steps > config.steps:
+    raise ValueError(f"--warmup-steps {config.warmup_steps} is more than --steps {config.steps}: "
+                     "the learning rate would never reach its peak")
+  if config.out == "":
+    raise ValueError("--out is empty: name a run directory, or leave --out out for "
+                     "runs/<optimizer>")
   check_mesh(config)
   if config.resume and config.overwrite:
     raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one")
@@ -202,25 +214,49 @@ def _listing(names: Sequence[str], most: int = 5) -> str:
 def check_run_directory(config: TrainConfig) -> None:
   """Raises ValueError unless out_dir/checkpoints is in the state the run asks for: empty or absent
   for a fresh run (it never replaces what an earlier run left there); holding a committed
-  checkpoint for --resume (a mistyped --out must not silently start afresh); holding nothing but
-  orbax's step directories for --overwrite, which deletes only those."""
+  checkpoint no later than --steps for --resume (a mistyped --out must not silently start afresh,
+  and a run past --steps has nothing to do); holding nothing but what orbax wrote for --overwrite,
+  which deletes only that."""
   directory = config.out_dir / "checkpoints"
   for path in (config.out_dir, directory):
     if path.exists() and not path.is_dir():
       raise ValueError(f"--out: {path} exists and is not a directory")
   entries = sorted(directory.iterdir()) if directory.exists() else []
   if config.resume:
-    if not committed_steps(directory):
+    steps = committed_steps(directory)
+    if not steps:
       raise ValueError(f"--resume: there is no checkpoint to resume from in {directory}")
+    if steps[0] > config.steps:
+      raise ValueError(f"--resume: the newest checkpoint in {directory} is at step {steps[0]}, "
+                       f"already past --steps {config.steps}")
   elif config.overwrite:
-    foreign = [path.name for path in entries if not is_step_directory(path)]
+    foreign = [name for path in entries for name in not_written_by_orbax(path)]
     if foreign:
       raise ValueError(f"--overwrite deletes only checkpoints, and {directory} also holds "
-                       f"{_listing(foreign)}: move that away, or choose another --out")
+                       f"{_listing(foreign)}, which orbax did not write: move that away, or choose "
+                       "another --out")
   elif entries:
     raise ValueError(f"{directory} already holds {_listing([path.name for path in entries])}: "
                      "pass --resume to continue that run, --overwrite to replace its checkpoints, "
                      "or choose another --out")
+
+
+def run_flags(config: TrainConfig) -> dict[str, Any]:
+  """The flags a checkpoint records and a resume must repeat: those the model's and optimizer's
+  state depends on, and --seed, which also picks the batches that follow. Not the learning rate,
+  schedule, --steps, --batch-size or the mesh (but --mesh-data with --compressed-dp), which a
+  resumed run may change."""
+  flags = {"--optimizer": config.optimizer, "--seed": config.seed,
+           "--d-model": config.model.d_model, "--n-layers": config.model.n_layers,
+           "--n-heads": config.model.n_heads, "--mlp-hidden": config.model.mlp_hidden}
+  if config.optimizer in ("orth_dion", "dion"):  # the others have no rank, QR method or replicas
+    # --compressed-dp keeps a momentum per "data" replica: a state tree of its own, whose shapes
+    # depend on --mesh-data.
+    flags |= {"--rank-fraction": config.rank_fraction, "--orthogonalize": config.orthogonalize,
+              "--compressed-dp": config.compressed_dp}
+    if config.compressed_dp:
+      flags["--mesh-data"] = config.mesh_data
+  return flags
 
 
 def per_replica_value_and_grad(model: Transformer, inputs: jax.Array, targets: jax.Array,
@@ -350,7 +386,8 @@ def open_checkpoints(config: TrainConfig, model: Transformer,
   if not config.checkpoint_every:
     return None, 0
   checkpointer = Checkpointer(directory)
-  restored = checkpointer.restore_latest(model, optimizer) if config.resume else None
+  restored = (checkpointer.restore_latest(model, optimizer, flags=run_flags(config))
+              if config.resume else None)
   return checkpointer, restored or 0
 
 
@@ -421,7 +458,8 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
       if config.compressed_dp:
         state = average_replica_momenta(graphdef, state)
       nnx.update((model, optimizer), state)
-      checkpointer.save(step, model, optimizer, data_position=batches.position)
+      checkpointer.save(step, model, optimizer, data_position=batches.position,
+                        flags=run_flags(config))
   if bar is not None:
     bar.close()
   if checkpointer is not None:
@@ -531,8 +569,8 @@ def argument_parser() -> argparse.ArgumentParser:
   add("--data", default=None,
       help="a text file or a directory of them (default: the Python standard library's sources); "
            "in a directory, symlinked directories are not followed, symlinked files are read "
-           "only if they lead to a regular file inside it, and FIFOs, sockets and devices are "
-           "skipped")
+           "only if they lead to a regular file inside it, and FIFOs, sockets, devices and "
+           "symlink loops are skipped")
   add("--max-bytes", type=positive, default=defaults.max_bytes,
       help="corpus size cap: no more than this is read from the files")
   add("--eval-every", type=positive, default=defaults.eval_every)
@@ -550,7 +588,9 @@ def argument_parser() -> argparse.ArgumentParser:
   continuation = parser.add_mutually_exclusive_group()
   continuation.add_argument(
       "--resume", action="store_true",
-      help="continue from the newest intact checkpoint in --out (an error if there is none)")
+      help="continue from the newest intact checkpoint in --out (an error if there is none, if "
+           "it is past --steps, or if it was written with another --optimizer, --seed, "
+           "--rank-fraction, --orthogonalize, --compressed-dp or model shape)")
   continuation.add_argument(
       "--overwrite", action="store_true",
       help="start afresh although --out holds an earlier run's checkpoints, deleting them; "

@@ -1,7 +1,8 @@
 """The example's command line refuses what it cannot do, in one line and exit status 2, before any
 work: invalid flag values and combinations, a run directory holding an earlier run's checkpoints
-(never deleted without --overwrite, never anything else even with it), --resume with nothing to
-resume, a missing --data. And the corpus it reads stays inside --data and within --max-bytes."""
+(never deleted without --overwrite, never anything else even with it, whatever its name), --resume
+with nothing to resume or past --steps, a missing --data. And the corpus it reads stays inside
+--data and within --max-bytes, and a symlink loop there is skipped."""
 
 import hashlib
 import os
@@ -11,11 +12,12 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import pytest
 
 from examples import data as data_lib
 from examples import train as train_lib
-from examples.checkpointing import committed_steps
+from examples.checkpointing import committed_steps, is_step_directory, not_written_by_orbax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROG = "python -m examples.train: error: "
@@ -77,6 +79,10 @@ INVALID = [
     (["--mesh-fsdp", "3"], "--mesh-fsdp"),
     (["--d-model", "30", "--n-heads", "4"], "--n-heads"),
     (["--compressed-dp", "--optimizer", "adamw"], "--compressed-dp"),
+    # Nothing to compress over one replica (and no mesh for the optimizer).
+    (["--compressed-dp"], "--compressed-dp needs --mesh-data > 1"),
+    (["--warmup-steps", "5"], "--warmup-steps 5 is more than --steps 4"),  # TINY has --steps 4
+    (["--out", ""], "--out is empty"),  # not runs/<optimizer> in the current directory
     (["--resume", "--overwrite"], "--overwrite"),
     (["--resume"], "--checkpoint-every"),  # TINY has --checkpoint-every 0
     (["--data", "/nonexistent/corpus"], "--data /nonexistent/corpus"),
@@ -95,7 +101,8 @@ def test_invalid_flags_are_refused_in_one_line(tmp_path, capsys, flags, flag):
 
 # Some of INVALID again, as a user runs them: each subprocess spends a second or two importing jax.
 AS_COMMANDS = [(["--steps", "0"], "--steps"), (["--lr", "nan"], "--lr"),
-               (["--mesh-fsdp", "3"], "--mesh-fsdp"), (["--data", "/nonexistent"], "--data")]
+               (["--mesh-fsdp", "3"], "--mesh-fsdp"), (["--data", "/nonexistent"], "--data"),
+               (["--compressed-dp"], "--mesh-data")]
 
 
 @pytest.mark.parametrize("flags, flag", AS_COMMANDS, ids=[" ".join(f) for f, _ in AS_COMMANDS])
@@ -156,11 +163,48 @@ def test_a_run_that_writes_no_checkpoints_refuses_too(run_dir):
   assert _snapshot(run_dir) == before
 
 
-def test_overwrite_refuses_to_delete_what_orbax_did_not_write(run_dir):
-  (run_dir / "checkpoints" / "notes.txt").write_text("mine")
+# (what the user put in checkpoints/, what the error line names). A step number for a name does not
+# make a directory orbax's: only its contents do.
+USERS_FILES = [("notes.txt", "notes.txt"), ("7/mine.txt", "7/mine.txt"),
+               ("4/mine.txt", "4/mine.txt"), ("2/state/mine.txt", "2/state/mine.txt"),
+               ("4/data/mine.txt", "4/data/mine.txt"),
+               ("4/state/ocdbt.process_0/d/mine.txt", "4/state/ocdbt.process_0/d/mine.txt"),
+               ("7/", "7 (empty)")]
+
+
+@pytest.mark.parametrize("path, named", USERS_FILES, ids=[p for p, _ in USERS_FILES])
+def test_overwrite_refuses_to_delete_what_orbax_did_not_write(run_dir, path, named):
+  mine = run_dir / "checkpoints" / path
+  if path.endswith("/"):
+    mine.mkdir()
+  else:
+    mine.parent.mkdir(exist_ok=True)  # 7/ is the user's; the others are orbax's
+    mine.write_text("mine")
   before = _snapshot(run_dir)
   _assert_refused(_cli(*TINY, "--checkpoint-every", "2", "--overwrite", "--out", str(run_dir)),
-                  "--overwrite", "notes.txt")
+                  "--overwrite", f"holds {named}, which orbax did not write")
+  assert _snapshot(run_dir) == before
+  assert mine.exists()
+
+
+def test_a_symlink_named_like_a_step_is_not_a_checkpoint(run_dir, tmp_path):
+  precious = tmp_path / "precious"
+  precious.mkdir()
+  (precious / "f").write_text("keep")
+  shutil.rmtree(run_dir / "checkpoints" / "2")
+  (run_dir / "checkpoints" / "2").symlink_to(precious, target_is_directory=True)
+  assert not is_step_directory(run_dir / "checkpoints" / "2")
+  assert not_written_by_orbax(run_dir / "checkpoints" / "2") == ["2"]
+  assert is_step_directory(run_dir / "checkpoints" / "4")
+  assert (precious / "f").read_text() == "keep"
+
+
+def test_resume_past_steps_is_an_error(run_dir):
+  # The checkpoint at step 4 has nothing left to do for --steps 3; it is not a finished run.
+  before = _snapshot(run_dir)
+  _assert_refused(_cli(*TINY, "--steps", "3", "--checkpoint-every", "2", "--resume",
+                       "--out", str(run_dir)),
+                  "--resume", "at step 4, already past --steps 3")
   assert _snapshot(run_dir) == before
 
 
@@ -223,3 +267,20 @@ def test_data_directory_is_read_without_leaving_it(tmp_path):
   corpus = train.tobytes() + val.tobytes()
   assert marker.encode() not in corpus
   assert len(corpus) == 2 * len("inside text, " * 4_000)
+
+
+def test_a_symlink_loop_in_data_is_skipped(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "a.txt").write_text("inside text, " * 4_000)
+  (data / "loop_a").symlink_to(data / "loop_b")
+  (data / "loop_b").symlink_to(data / "loop_a")
+  (data / "self").symlink_to(data / "self")
+  assert data_lib.text_files(data) == [data / "a.txt"]
+
+
+def test_the_entropy_of_one_byte_value_prints_as_zero():
+  # -(1 * log 1) is -0.0, which printed as "-0.000".
+  entropy = data_lib.unigram_entropy(np.full(1_000, ord("a"), dtype=np.uint8))
+  assert f"{entropy:.3f}" == "0.000"
+  assert data_lib.unigram_entropy(np.arange(256, dtype=np.uint8)) == pytest.approx(np.log(256))
