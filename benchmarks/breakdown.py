@@ -65,13 +65,8 @@ def _orthonormalize_runner(shapes, rank_fraction: float, side: str,
     by_rank = {}
     for a in factors:
       by_rank.setdefault(a.shape[-1], []).append(a[None])
-    # One rank group after the other, as the update orders them (two LAPACK
-    # calls in flight can deadlock XLA:CPU, orth_dion_jax.lapack_order).
-    results = []
-    for group in by_rank.values():
-      results.append(orthonormalize_many(
-          group, method, key=key, previous=results[-1] if results else None))
-    return results
+    return [orthonormalize_many(group, method, key=key)
+            for group in by_rank.values()]
 
   return lambda: run(factors)
 

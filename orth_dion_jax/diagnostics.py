@@ -10,13 +10,12 @@ matrix whose last step captured nothing (P = 0) reports nu = 0.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from orth_dion_jax.lapack_order import after
+from orth_dion_jax.lapack_calls import per_matrix
 from orth_dion_jax.transform import LowRankState, OrthDionState
 
 Array = jax.Array
@@ -62,30 +61,13 @@ def _gram(q: Array) -> Array:
 
 
 def _spectral_norms(qs: list[Array]) -> list[Array]:
-  """``spectral_norm`` of each array of ``qs``, one eigenvalue call per r.
-
-  The calls run one after the other and after every array of ``qs`` exists
-  (so after the update's own QRs): two LAPACK calls in flight at once can
-  deadlock XLA:CPU (``lapack_order``).
-  """
-  by_rank: dict[int, list[int]] = {}
-  for i, q in enumerate(qs):
-    by_rank.setdefault(q.shape[-1], []).append(i)
-  out: list[Array | None] = [None] * len(qs)
-  grams = [_gram(q.astype(jnp.float32)) for q in qs]
-  # Whole r x r Grams of every Q: waiting for them is waiting for the
-  # update's last QR.
-  previous = grams
-  for members in by_rank.values():
-    flat = jnp.concatenate([grams[i].reshape(-1, *grams[i].shape[-2:])
-                            for i in members])
-    previous = jnp.linalg.eigvalsh(after(flat, previous))[:, -1]
-    offset = 0
-    for i, g in zip(members, [grams[i] for i in members]):
-      size = math.prod(g.shape[:-2])
-      top = previous[offset:offset + size].reshape(g.shape[:-2])
-      out[i] = jnp.sqrt(jnp.maximum(top, 0.0))
-      offset += size
+  """``spectral_norm`` of each array of ``qs`` (from its r x r Grams)."""
+  out = []
+  for q in qs:
+    gram = _gram(q.astype(jnp.float32))
+    r = gram.shape[-1]
+    top = per_matrix(jnp.linalg.eigvalsh, gram.reshape(-1, r, r))[:, -1]
+    out.append(jnp.sqrt(jnp.maximum(top, 0.0)).reshape(gram.shape[:-2]))
   return out
 
 

@@ -28,7 +28,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,34 +107,29 @@ def _grouped_orthonormalize(
     right_factor: str | None,
     eps,
     key: Array,
-    previous: Any,
-) -> tuple[list[Array], Any]:
+) -> list[Array]:
   """Orthonormalizes (or column-normalizes) a list of (n, k, r) factors.
 
   Factors of the same r and the same collectives are done together
   (``orthogonalize.orthonormalize_many``): one batched Cholesky / inverse for
   all the matrices of a model that share a rank, instead of a small kernel
   each, without copying a factor into a stack.
-
-  The groups run one after the other, the first after ``previous``: no two
-  LAPACK calls of an update may overlap on XLA:CPU (``lapack_order``).
-  Returns the factors and what the next LAPACK call must wait for.
   """
   rows = [c.big if on_big_side else c.small for c in collectives]
-  if right_factor == "column":   # no LAPACK call: nothing to order
+  if right_factor == "column":
     return [orth.normalize_columns(a, eps, rows=axes)
-            for a, axes in zip(arrays, rows)], previous
+            for a, axes in zip(arrays, rows)]
   groups: dict[tuple, list[int]] = {}
   for i, (a, c) in enumerate(zip(arrays, collectives)):
     groups.setdefault((a.shape[-1], c), []).append(i)
   out: list[Array | None] = [None] * len(arrays)
   for g, members in enumerate(groups.values()):
-    previous = orth.orthonormalize_many(
+    results = orth.orthonormalize_many(
         [arrays[i] for i in members], method, key=jax.random.fold_in(key, g),
-        rows=rows[members[0]], previous=previous)
-    for i, q in zip(members, previous):
+        rows=rows[members[0]])
+    for i, q in zip(members, results):
       out[i] = q
-  return out, previous
+  return out
 
 
 def power_iteration(
@@ -161,7 +156,6 @@ def power_iteration(
   """
   colls = [t.collectives for t in tasks]
   qs = [t.right_factor.astype(jnp.float32) for t in tasks]
-  previous = None   # the outputs the next LAPACK call waits for
   for it in range(config.power_iters):
     # orth(B Q) does not depend on the scale of Q's columns; unit-max columns
     # keep B Q from underflowing when Dion's Q is tiny (R / (|R| + eps) with
@@ -172,16 +166,15 @@ def power_iteration(
     if it == config.power_iters - 1:
       # Taken now, so that nothing holds on to B Q once it is orthonormalized.
       zeros = [_all_zero(y, c) for y, c in zip(ys, colls)]
-    ps, previous = _grouped_orthonormalize(
+    ps = _grouped_orthonormalize(
         ys, colls, on_big_side=True, method=config.orthogonalize,
-        right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it),
-        previous=previous)
+        right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it))
     rs = [c.replicas.mean(c.big.sum(_contract(
         t.buffer, p, _other(t.small_axis)))) for t, p, c in zip(tasks, ps, colls)]
-    qs, previous = _grouped_orthonormalize(
+    qs = _grouped_orthonormalize(
         rs, colls, on_big_side=False, method=config.orthogonalize,
         right_factor=config.right_factor, eps=eps,
-        key=jax.random.fold_in(key, 2 * it + 1), previous=previous)
+        key=jax.random.fold_in(key, 2 * it + 1))
   results = []
   for t, zero, p, r, q in zip(tasks, zeros, ps, rs, qs):
     # A zero buffer has no direction to follow: step nowhere, keep the warm

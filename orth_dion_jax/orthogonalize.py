@@ -18,6 +18,10 @@ latency-bound, the ``r x r`` Gram matrices, their Cholesky factorizations and
 triangular inverses, runs as one batched call for all of them, and the
 factors themselves are never stacked (no ``k x r`` copies).
 
+CPU: every QR, Cholesky and triangular solve goes through
+``lapack_calls.per_matrix``, one matrix per call, since batched calls running
+at once can deadlock XLA:CPU.
+
 Sharding: ``rows`` (a ``collectives.AxisGroup``) names the mesh axes over which
 the rows of ``A`` are split (none on one device). Cholesky-based methods only
 ever sum ``r x r`` Gram matrices and ``s x r`` sketches across devices; only
@@ -34,14 +38,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from orth_dion_jax.collectives import AxisGroup, NO_AXES
-from orth_dion_jax.lapack_order import after
+from orth_dion_jax.lapack_calls import per_matrix
 
 Array = jax.Array
 Method = Literal["householder", "cholesky_qr", "randomized_cholesky_qr"]
@@ -70,11 +74,11 @@ def _unstacked(stacked: Array, like: Sequence[Array]) -> list[Array]:
   return list(jnp.split(stacked, offsets, axis=0))
 
 
-def _grams(arrays: Sequence[Array], rows: AxisGroup, previous: Any) -> Array:
+def _grams(arrays: Sequence[Array], rows: AxisGroup) -> Array:
   """A^T A of every factor, stacked: (sum of batches, r, r), one reduction
-  across ``rows`` for all of them; computed after ``previous`` exists."""
-  return after(rows.sum(_stacked(
-      [jnp.einsum("nkr,nks->nrs", a, a) for a in arrays])), previous)
+  across ``rows`` for all of them."""
+  return rows.sum(_stacked(
+      [jnp.einsum("nkr,nks->nrs", a, a) for a in arrays]))
 
 
 def _positive_diagonal_signs(t: Array) -> Array:
@@ -91,10 +95,9 @@ def _inverse_upper(upper: Array) -> Array:
   here because CholeskyQR's second pass (or the fallback check) absorbs the
   error.
   """
-  r = upper.shape[-1]
-  eye = jnp.broadcast_to(jnp.eye(r, dtype=upper.dtype), upper.shape)
-  return jax.lax.linalg.triangular_solve(upper, eye, left_side=True,
-                                         lower=False)
+  eye = jnp.eye(upper.shape[-1], dtype=upper.dtype)
+  return per_matrix(lambda u: jax.lax.linalg.triangular_solve(
+      u, jnp.broadcast_to(eye, u.shape), left_side=True, lower=False), upper)
 
 
 def _times(arrays: Sequence[Array], stacked_square: Array) -> list[Array]:
@@ -114,21 +117,19 @@ def column_prescale(a: Array, rows: AxisGroup = NO_AXES) -> Array:
   return a / jnp.where(col_max > 0, col_max, 1.0)
 
 
-def _householder_one(a: Array, rows: AxisGroup, previous: Any) -> Array:
-  q, t = jnp.linalg.qr(after(rows.gather(a, axis=-2), previous),
-                       mode="reduced")
+def _householder_one(a: Array, rows: AxisGroup) -> Array:
+  q, t = per_matrix(functools.partial(jnp.linalg.qr, mode="reduced"),
+                    rows.gather(a, axis=-2))
   return rows.local(q * _positive_diagonal_signs(t)[..., None, :], axis=-2)
 
 
-def householder_qr(arrays: Sequence[Array], rows: AxisGroup = NO_AXES, *,
-                   previous: Any = None) -> list[Array]:
+def householder_qr(arrays: Sequence[Array],
+                   rows: AxisGroup = NO_AXES) -> list[Array]:
   """Householder QR with the sign fix: Q of A = Q T with diag(T) >= 0.
 
   Householder reflections need every row at once, so a row-split ``A`` is
   gathered (a ``k x r`` factor, not a weight) and each device keeps its block.
-  Factors of the same shape are stacked into one batched call; the calls of
-  different shapes run one after the other, the first after ``previous``
-  (``lapack_order``).
+  Factors of the same shape are stacked into one batched call.
   """
   by_shape: dict[tuple[int, ...], list[int]] = {}
   for i, a in enumerate(arrays):
@@ -136,21 +137,17 @@ def householder_qr(arrays: Sequence[Array], rows: AxisGroup = NO_AXES, *,
   out: list[Array | None] = [None] * len(arrays)
   for members in by_shape.values():
     group = [arrays[i] for i in members]
-    previous = _householder_one(_stacked(group), rows, previous)
-    for i, q in zip(members, _unstacked(previous, group)):
+    for i, q in zip(members, _unstacked(
+        _householder_one(_stacked(group), rows), group)):
       out[i] = q
   return out
 
 
-def _cholesky_qr_pass(arrays: Sequence[Array], rows: AxisGroup,
-                      previous: Any = None) -> tuple[list[Array], Array]:
-  """One CholeskyQR pass; returns (Q per factor, the stacked Grams).
-
-  Its Cholesky and triangular solve are ordered by their data; the pass
-  starts after ``previous``.
-  """
-  grams = _grams(arrays, rows, previous)
-  upper = _transpose(jnp.linalg.cholesky(grams))
+def _cholesky_qr_pass(arrays: Sequence[Array], rows: AxisGroup
+                      ) -> tuple[list[Array], Array]:
+  """One CholeskyQR pass; returns (Q per factor, the stacked Grams)."""
+  grams = _grams(arrays, rows)
+  upper = _transpose(per_matrix(jnp.linalg.cholesky, grams))
   return _times(arrays, _inverse_upper(upper)), grams
 
 
@@ -176,20 +173,18 @@ def _with_householder_fallback(qs: list[Array], ok: Array,
                                rows: AxisGroup) -> list[Array]:
   # lax.cond on a scalar keeps the fallback free unless some matrix of the
   # batch actually failed (a Cholesky NaN or a badly conditioned first pass).
-  # The cond starts once ``ok`` exists, after every pass; inside the branch
-  # householder_qr orders its own QRs (lapack_order).
   return jax.lax.cond(ok, lambda: qs, lambda: householder_qr(arrays, rows))
 
 
-def cholesky_qr(arrays: Sequence[Array], *, rows: AxisGroup = NO_AXES,
-                previous: Any = None) -> list[Array]:
+def cholesky_qr(arrays: Sequence[Array], *,
+                rows: AxisGroup = NO_AXES) -> list[Array]:
   """CholeskyQR2 with a Householder fallback under ``lax.cond``.
 
   ``T = chol(A^T A)^T``, ``Q = A T^{-1}``, done twice. Positive diagonal by
   construction. Only matmuls and ``r x r`` factorizations: fast on
   accelerators, and only the Gram matrices cross devices.
   """
-  q1, _ = _cholesky_qr_pass(arrays, rows, previous)
+  q1, _ = _cholesky_qr_pass(arrays, rows)
   q2, gram1 = _cholesky_qr_pass(q1, rows)
   return _with_householder_fallback(q2, _trustworthy(q2, gram1, rows),
                                     arrays, rows)
@@ -202,7 +197,7 @@ def sketch_rows(rank: int, oversample: float = 1.25) -> int:
 
 def randomized_cholesky_qr(
     arrays: Sequence[Array], key: Array, *,
-    rows: AxisGroup = NO_AXES, previous: Any = None) -> list[Array]:
+    rows: AxisGroup = NO_AXES) -> list[Array]:
   """Randomized Cholesky QR: a Gaussian sketch preconditions one CholeskyQR.
 
   ``S`` is ``(s, k)`` with entries N(0, 1/s); ``S A = Q_s T_s`` (sign-fixed),
@@ -221,7 +216,8 @@ def randomized_cholesky_qr(
                                (s, a.shape[-2] * rows.size()),
                                dtype=a.dtype) / math.sqrt(s)
     sketched.append(jnp.einsum("sk,nkr->nsr", rows.local(sketch, axis=-1), a))
-  t = jnp.linalg.qr(after(rows.sum(_stacked(sketched)), previous), mode="r")
+  t = per_matrix(functools.partial(jnp.linalg.qr, mode="r"),
+                 rows.sum(_stacked(sketched)))
   t = t * _positive_diagonal_signs(t)[..., :, None]
   # With high probability A T_s^-1 is well conditioned (cond ~ 1), so one
   # CholeskyQR pass is enough; the check below catches the rare bad sketch.
@@ -236,15 +232,12 @@ def orthonormalize_many(
     *,
     key: Array | None = None,
     rows: AxisGroup = NO_AXES,
-    previous: Any = None,
 ) -> list[Array]:
   """``orthonormalize`` of factors ``(n_i, k_i, r)`` that share ``r``.
 
   Their ``r x r`` work (Gram matrices, Cholesky factorizations, inverses, the
   sketches' QR) runs as one batched computation; one fallback check covers
-  them all. Its LAPACK calls start after the arrays of ``previous`` exist
-  and never overlap each other (``lapack_order``); its results are a valid
-  ``previous`` for the next call.
+  them all.
   """
   if method not in METHODS:
     raise ValueError(f"orthonormalize: unknown method {method!r}; expected "
@@ -257,10 +250,10 @@ def orthonormalize_many(
                      f"shapes {[a.shape for a in arrays]}.")
   arrays = [column_prescale(a.astype(jnp.float32), rows) for a in arrays]
   if method == "householder":
-    return householder_qr(arrays, rows, previous=previous)
+    return householder_qr(arrays, rows)
   if method == "cholesky_qr":
-    return cholesky_qr(arrays, rows=rows, previous=previous)
-  return randomized_cholesky_qr(arrays, key, rows=rows, previous=previous)
+    return cholesky_qr(arrays, rows=rows)
+  return randomized_cholesky_qr(arrays, key, rows=rows)
 
 
 def orthonormalize(
