@@ -168,11 +168,17 @@ _PARTITIONING = {
 
 def partition_specs(state: Any) -> Any:
   """A `PartitionSpec` for every leaf of a model's state (an `nnx.State` or its pure arrays)."""
+  return specs_by_module(state, _PARTITIONING)
+
+
+def specs_by_module(state: Any, partitioning: dict[str, tuple]) -> Any:
+  """A `PartitionSpec` for every leaf of `state`: `partitioning[name]` for a leaf owned by a
+  module named `name`, replicated for the rest."""
 
   def at_leaf(path, leaf):
     del leaf
     module = getattr(path[-2], "key", None) if len(path) > 1 else None
-    return PartitionSpec(*_PARTITIONING.get(module, ()))
+    return PartitionSpec(*partitioning.get(module, ()))
 
   return jax.tree_util.tree_map_with_path(
       at_leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

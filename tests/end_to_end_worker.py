@@ -69,6 +69,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=wrong-i
 
 import orth_dion_jax  # pylint: disable=wrong-import-position
 from examples import data as data_lib  # pylint: disable=wrong-import-position
+from examples import model as model_lib  # pylint: disable=wrong-import-position
 
 VOCAB_SIZE = 256  # bytes
 STEPS = 40
@@ -168,14 +169,7 @@ _PARTITIONING = {
 
 def partition_specs(state):
   """A PartitionSpec for every leaf of the model's state, keyed by the owning module's name."""
-
-  def at_leaf(path, leaf):
-    del leaf
-    module = getattr(path[-2], "key", None) if len(path) > 1 else None
-    return PartitionSpec(*_PARTITIONING.get(module, ()))
-
-  return jax.tree_util.tree_map_with_path(
-      at_leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return model_lib.specs_by_module(state, _PARTITIONING)
 
 
 def emit(event: str, config: str, **fields) -> None:
