@@ -16,7 +16,7 @@ Three layouts:
   gradient all-reduce, and the optimizer runs on every replica.
 * ``compressed``: Orth-Dion and Dion with ``data_axis="data"`` on the same
   mesh: each replica keeps its own momentum and only ``P`` (big x r) and
-  ``R`` (small x r) are averaged (ALGORITHM.md section 7). ``ideal`` is
+  ``R`` (small x r) are averaged (docs/design.md, "What crosses devices"). ``ideal`` is
   ``(m + n) r`` numbers for each matrix with ``(m + n) r < m n`` and the whole
   gradient of the others (AdamW leaves included); the specification asks for
   the measured bytes within 5% of it.

@@ -1,6 +1,6 @@
 """The optimizers users call: ``orth_dion`` and ``dion``.
 
-Each is ``optax.partition`` of two chains (ALGORITHM.md section 8):
+Each is ``optax.partition`` of two chains (docs/design.md, "Where each parameter goes"):
 
 * hidden weight matrices: the low-rank step with error feedback, then
   decoupled weight decay and the learning rate,
@@ -203,7 +203,7 @@ def orth_dion(
 ) -> optax.GradientTransformation:
   r"""Orth-Dion: low-rank orthonormalized updates for matrices, AdamW elsewhere.
 
-  For each hidden weight matrix ``X`` with gradient ``G`` (ALGORITHM.md)::
+  For each hidden weight matrix ``X`` with gradient ``G`` (docs/design.md, "The step")::
 
     B = M + G;  P = orth(B Q);  R = B^T P;  M = B - (1 - mu) P R^T
     Q = qr_+(R);  X = (1 - lr wd) X - lr s P Q^T

@@ -4,8 +4,8 @@ Inside ``jax.shard_map`` every device holds a block of each weight, seen in
 the layout view ``(batch, fan_in, fan_out)``. The power iteration's factors
 inherit that split: ``P`` (big x r) is split like the weight's big side, ``Q``
 and ``R`` (small x r) like its small side. Every quantity the step needs is
-then a local product completed by a sum of small pieces (ALGORITHM.md
-section 7):
+then a local product completed by a sum of small pieces (docs/design.md,
+"What crosses devices"):
 
 * ``B Q``: local product, summed over the small side's axes -> (big x r);
 * ``B^T P``: local product, summed over the big side's axes -> (small x r);

@@ -3,7 +3,7 @@
 Plain data parallelism all-reduces every gradient: ``m n`` numbers per matrix
 and step. Dion's power iteration is linear in the buffer, so the replicas can
 instead keep their own gradient and momentum ``B_i = M_i + G_i`` and average
-only the two thin products (ALGORITHM.md section 7)::
+only the two thin products (docs/design.md, "What crosses devices")::
 
     P = orth(mean_i B_i Q)     # (big x r) all-reduce
     R = mean_i B_i^T P         # (small x r) all-reduce

@@ -1,7 +1,7 @@
 """The math of one Dion / Orth-Dion step on a batch of matrices (pure functions).
 
 In the reference's notation, with the buffer ``B`` oriented so that its rows
-are the larger side (ALGORITHM.md section 2)::
+are the larger side (docs/design.md, "The step")::
 
     P = orth(B Q)              # (big, r), orthonormal columns
     R = B^T P                  # (small, r)
@@ -152,7 +152,7 @@ def power_iteration(
 
   Returns:
     ``LowRankFactors(P, R, Q')`` per task. An all-zero buffer gives ``P = 0``,
-    ``R = 0`` and keeps ``Q' = q`` (ALGORITHM.md section 5).
+    ``R = 0`` and keeps ``Q' = q`` (docs/design.md, "Zero buffers").
   """
   colls = [t.collectives for t in tasks]
   qs = [t.right_factor.astype(jnp.float32) for t in tasks]

@@ -6,7 +6,7 @@ with ``k >= r`` to ``Q`` of the same shape with orthonormal columns, such that
 factorization is unique when ``A`` has full column rank, so every method below
 returns the same ``Q`` up to rounding; they differ in speed and robustness.
 
-Why the positive diagonal matters (ALGORITHM.md section 3): Orth-Dion's new
+Why the positive diagonal matters (docs/design.md, "The sign of the QR"): Orth-Dion's new
 right factor is ``Q = qr(R)`` with ``R = B^T P``, and its alignment with the
 buffer is ``<B, P Q^T> = trace(T)``. A plain Householder QR returns diagonal
 entries of either sign, so some modes would step uphill.

@@ -6,7 +6,7 @@ seen, per device, as a block of its layout view ``(batch, fan_in, fan_out)``.
 axes, and from that derives
 
 * the ``Collectives`` of the step (which axes complete ``B Q``, ``B^T P`` and
-  the Gram matrices, ALGORITHM.md section 7);
+  the Gram matrices, docs/design.md, "What crosses devices");
 * the ``PartitionSpec`` of every state leaf, each fitting its own shape: the
   right factor ``Q`` (batch..., small, r) is split like the weight's small
   side, never like the weight itself;

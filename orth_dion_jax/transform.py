@@ -65,8 +65,8 @@ class ReplicaMomenta(NamedTuple):
 
   ``per_replica`` has shape ``(replicas, *param.shape)`` and is sharded over
   the data axis: replica ``i`` keeps ``M_i`` and never sends it. The
-  parameter update depends only on the replicas' mean (ALGORITHM.md section
-  7), so ``average_replica_momenta`` may replace them by it at any time.
+  parameter update depends only on the replicas' mean (docs/design.md,
+  "What crosses devices"), so ``average_replica_momenta`` may replace them by it at any time.
   """
   per_replica: Array
 

@@ -1,6 +1,6 @@
 """An independent float64 NumPy implementation of Dion / Orth-Dion.
 
-Written from ALGORITHM.md alone (it imports nothing from ``orth_dion_jax``),
+Written from docs/design.md alone (it imports nothing from ``orth_dion_jax``),
 so that the tests can hold the package to it. Everything here is in the
 reference (PyTorch) layout: a weight ``X`` is ``(fan_out, fan_in)``, the
 transpose of a Flax kernel. Each step turns the buffer so that its rows are
@@ -17,7 +17,7 @@ import numpy as np
 
 
 def qr_pos(a: np.ndarray) -> np.ndarray:
-  """Q of A = Q T with diag(T) >= 0 (ALGORITHM.md section 3)."""
+  """Q of A = Q T with diag(T) >= 0 (docs/design.md, "The sign of the QR")."""
   q, t = np.linalg.qr(a, mode="reduced")
   return q * np.where(np.diag(t) < 0, -1.0, 1.0)
 
@@ -75,7 +75,7 @@ class ReferenceDion:
 
   ``form`` picks the momentum:
 
-  * ``"mu"``: the reference mu-form (ALGORITHM.md section 2), ``decay`` is mu:
+  * ``"mu"``: the reference mu-form (docs/design.md, "The step"), ``decay`` is mu:
     ``B = M + G; M <- B - (1 - mu) P R^T``;
   * ``"beta"``: the paper's analysed form (section 6), transcribed literally,
     ``decay`` is beta: ``M = G + E; U = qr(M V); W = M^T U; V = qr_pos(W);

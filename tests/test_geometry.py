@@ -1,4 +1,4 @@
-"""The geometry Orth-Dion is about (ALGORITHM.md sections 1, 3 and 6).
+"""The geometry Orth-Dion is about (docs/design.md: the sign of the QR, the geometry).
 
 Orth-Dion's direction ``D = P Q^T`` is an exact rank-r partial isometry
 (nu = ||D||_op = 1), aligned with the buffer mode by mode (the QR of

@@ -2,7 +2,7 @@
 
 Each recipe is checked step by step against the float64 reference:
 
-* mu-form (the reference's, ALGORITHM.md section 2):
+* mu-form (the reference's, docs/design.md, "The step"):
   ``scale_by_error_feedback(compressor, residual_decay=1, captured_decay=mu)``;
 * beta-form (the paper's analysed form, section 6):
   ``scale_by_error_feedback(compressor, residual_decay=beta,
