@@ -207,7 +207,7 @@ def measure(name: str, mode: str, rank_fraction: float | None, d: int,
                           _placed(shapes, specs, mesh, replicas))
   hlo = compiled.as_text()
   branches = in_cond_branches(hlo)
-  records = communication.collectives(hlo, mesh)
+  records = communication.collective_ops(hlo, mesh)
   per_step = [r for r in records if r.bytes and r.name not in branches]
   in_cond = [r for r in records if r.bytes and r.name in branches]
   largest = max(per_step, key=lambda r: r.bytes, default=None)

@@ -4,20 +4,26 @@ Orth-Dion (arXiv:2605.16341) is Dion (arXiv:2504.05295) with the right factor
 orthonormalized by a sign-safe QR, so that every update is an exact rank-r
 partial isometry. Public API:
 
-* optimizers: ``orth_dion``, ``dion``;
+* optimizers: ``orth_dion``, ``dion`` (and where they send each leaf:
+  ``routing_summary``, ``default_param_labels``);
 * transformations: ``scale_by_orth_dion``, ``scale_by_error_feedback``,
-  ``scale_by_low_rank_orthogonalization`` with ``LowRankCompressor``;
+  ``scale_by_low_rank_orthogonalization`` with ``LowRankCompressor``, and
+  their states;
 * weights as matrices: ``DionDimensionNumbers``;
-* diagnostics: ``diagnostics_summary``, ``matrix_diagnostics``.
+* compressed data parallelism: ``per_replica_value_and_grad``,
+  ``average_replica_momenta``, ``average_replicas``;
+* diagnostics: ``diagnostics_summary``, ``matrix_diagnostics``; the bytes a
+  compiled step moves: the ``communication`` module;
+* the sign-safe QR itself: ``orthonormalize``.
+
+docs/design.md maps the modules behind them.
 """
 
-from orth_dion_jax.alias import ADAM
-from orth_dion_jax.alias import LOW_RANK
-from orth_dion_jax.alias import default_param_labels
+from orth_dion_jax import communication
 from orth_dion_jax.alias import dion
 from orth_dion_jax.alias import orth_dion
-from orth_dion_jax.collectives import AxisGroup
-from orth_dion_jax.collectives import Collectives
+from orth_dion_jax.alias import routing_summary
+from orth_dion_jax.data_parallel import ReplicaMomenta
 from orth_dion_jax.data_parallel import average_replica_momenta
 from orth_dion_jax.data_parallel import average_replicas
 from orth_dion_jax.data_parallel import per_replica_value_and_grad
@@ -27,10 +33,12 @@ from orth_dion_jax.diagnostics import matrix_diagnostics
 from orth_dion_jax.matrix_view import DionDimensionNumbers
 from orth_dion_jax.nonfinite import ScheduleGuardState
 from orth_dion_jax.orthogonalize import orthonormalize
-from orth_dion_jax.transform import LowRankCompressor
+from orth_dion_jax.routing import LeafRoute
+from orth_dion_jax.routing import RoutingSummary
+from orth_dion_jax.routing import default_param_labels
+from orth_dion_jax.settings import LowRankCompressor
 from orth_dion_jax.transform import LowRankState
 from orth_dion_jax.transform import OrthDionState
-from orth_dion_jax.transform import ReplicaMomenta
 from orth_dion_jax.transform import scale_by_error_feedback
 from orth_dion_jax.transform import scale_by_low_rank_orthogonalization
 from orth_dion_jax.transform import scale_by_orth_dion
@@ -39,11 +47,12 @@ from orth_dion_jax.validation import STATIC_ARGS
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAM", "LOW_RANK", "AxisGroup", "Collectives", "DionDimensionNumbers",
-    "LowRankCompressor", "LowRankState", "MatrixDiagnostics", "OrthDionState",
-    "ReplicaMomenta", "STATIC_ARGS", "ScheduleGuardState", "average_replica_momenta",
-    "average_replicas", "default_param_labels", "diagnostics_summary", "dion",
-    "matrix_diagnostics", "orth_dion", "orthonormalize",
-    "per_replica_value_and_grad", "scale_by_error_feedback",
-    "scale_by_low_rank_orthogonalization", "scale_by_orth_dion",
+    "DionDimensionNumbers", "LeafRoute", "LowRankCompressor", "LowRankState",
+    "MatrixDiagnostics", "OrthDionState", "ReplicaMomenta", "RoutingSummary",
+    "STATIC_ARGS", "ScheduleGuardState", "average_replica_momenta",
+    "average_replicas", "communication", "default_param_labels",
+    "diagnostics_summary", "dion", "matrix_diagnostics", "orth_dion",
+    "orthonormalize", "per_replica_value_and_grad", "routing_summary",
+    "scale_by_error_feedback", "scale_by_low_rank_orthogonalization",
+    "scale_by_orth_dion",
 ]

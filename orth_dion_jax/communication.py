@@ -1,7 +1,7 @@
 """Bytes each collective of a compiled step moves, and across which axes.
 
-``collectives(compiled, mesh)`` reads the optimized HLO of a jitted step
-(``jax.jit(step).lower(...).compile()``) and returns one ``Collective`` per
+``collective_ops(compiled, mesh)`` reads the optimized HLO of a jitted step
+(``jax.jit(step).lower(...).compile()``) and returns one ``CollectiveOp`` per
 array each all-reduce, all-gather, reduce-scatter, all-to-all or
 collective-permute carries. It is the ground truth of what XLA will run: the
 collectives the partitioner inserted as well as those written by hand in a
@@ -55,7 +55,7 @@ _MESH_GROUPS = re.compile(
 _IOTA = re.compile(r"\[([\d,]+)\](?:T\(([\d,]+)\))?")
 
 
-class Collective(NamedTuple):
+class CollectiveOp(NamedTuple):
   """One array moved by one collective instruction of a compiled program."""
   kind: str                 # "all-reduce", "all-gather", "reduce-scatter",
                             # "all-to-all" or "collective-permute"
@@ -168,7 +168,7 @@ def _bits(dtype: str) -> int:
 
 
 def _records(kind: str, name: str, result_type: str, attributes: str,
-             mesh: jax.sharding.Mesh) -> list[Collective]:
+             mesh: jax.sharding.Mesh) -> list[CollectiveOp]:
   groups = device_groups(attributes, mesh.devices.size)
   if max(max(g) for g in groups) >= mesh.devices.size:
     raise ValueError(f"{name} uses device ids beyond the mesh's "
@@ -186,12 +186,12 @@ def _records(kind: str, name: str, result_type: str, attributes: str,
       shape[int(re.search(r"\bdimensions=\{(\d+)\}", attributes)[1])] *= (
           group_size)
     size = math.ceil(math.prod(shape) * _bits(dtype) / 8) if axes else 0
-    records.append(Collective(kind, tuple(shape), dtype, size, group_size,
+    records.append(CollectiveOp(kind, tuple(shape), dtype, size, group_size,
                               axes, name))
   return records
 
 
-def collectives(compiled: Any, mesh: jax.sharding.Mesh) -> list[Collective]:
+def collective_ops(compiled: Any, mesh: jax.sharding.Mesh) -> list[CollectiveOp]:
   """Every collective of a compiled program, one record per array it moves.
 
   A collective over a tuple of arrays (``psum`` of a pytree, XLA's
@@ -207,7 +207,7 @@ def collectives(compiled: Any, mesh: jax.sharding.Mesh) -> list[Collective]:
 
   Example:
     >>> step = jax.jit(train_step).lower(params, opt_state, batch).compile()
-    >>> print(summary_table(collectives(step, mesh)))
+    >>> print(summary_table(collective_ops(step, mesh)))
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   records, started = [], {}
@@ -227,7 +227,7 @@ def collectives(compiled: Any, mesh: jax.sharding.Mesh) -> list[Collective]:
   return records
 
 
-def bytes_by_axes(records: Sequence[Collective]) -> dict[tuple[str, ...], int]:
+def bytes_by_axes(records: Sequence[CollectiveOp]) -> dict[tuple[str, ...], int]:
   """Total payload bytes per set of spanned mesh axes (moving ones only)."""
   totals = {}
   for r in records:
@@ -236,12 +236,12 @@ def bytes_by_axes(records: Sequence[Collective]) -> dict[tuple[str, ...], int]:
   return totals
 
 
-def bytes_crossing(records: Sequence[Collective], axis: str) -> int:
+def bytes_crossing(records: Sequence[CollectiveOp], axis: str) -> int:
   """Payload bytes of the collectives whose groups span ``axis``."""
   return sum(r.bytes for r in records if axis in r.axes)
 
 
-def summary_table(records: Sequence[Collective]) -> str:
+def summary_table(records: Sequence[CollectiveOp]) -> str:
   """One line per record, then the totals of ``bytes_by_axes``."""
   rows = [("collective", "payload", "bytes", "group", "axes", "name")]
   rows += [(r.kind, f"{r.dtype}[{','.join(map(str, r.shape))}]",

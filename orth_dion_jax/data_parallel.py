@@ -31,7 +31,7 @@ fall back to averaging their gradient.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,17 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from orth_dion_jax import sharding
-from orth_dion_jax.transform import ReplicaMomenta
+
+
+class ReplicaMomenta(NamedTuple):
+  """Per-replica momenta of one matrix under compressed data parallelism.
+
+  ``per_replica`` has shape ``(replicas, *param.shape)`` and is sharded over
+  the data axis: replica ``i`` keeps ``M_i`` and never sends it. The
+  parameter update depends only on the replicas' mean, so
+  ``average_replica_momenta`` may replace them by it at any time.
+  """
+  per_replica: jax.Array
 
 
 def _constrain(x: jax.Array, mesh, data_axis: str) -> jax.Array:

@@ -13,7 +13,11 @@ a free reshape whenever the axes are already ordered batch, reduction, output
 scans). The reference (PyTorch ``(fan_out, fan_in)``) puts the power
 iteration's left factor ``P`` on the larger side and the carried right factor
 ``Q`` on the smaller side, with fan-out as the "large" side of a square matrix;
-``MatrixSpec.small_axis`` records which layout axis that is.
+``MatrixView.small_axis`` records which layout axis that is.
+
+Stacked layers (``nnx.scan`` / ``nnx.vmap``): ``default_dimension_numbers``
+treats the ``layer_axes`` leading axes of a leaf with ``2 + layer_axes`` axes
+as batch axes, so each layer's ``(fan_in, fan_out)`` slice is its own matrix.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from optax.contrib import MuonDimensionNumbers
 
 Axes = Sequence[int] | int
 
@@ -42,7 +47,24 @@ class DionDimensionNumbers(NamedTuple):
 
 
 def is_dimension_numbers_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, DionDimensionNumbers)
+  """Whether ``x`` is one leaf's entry of a dimension-numbers tree.
+
+  ``optax.contrib.MuonDimensionNumbers`` has the same fields and meaning and
+  is accepted wherever ``DionDimensionNumbers`` is.
+  """
+  return x is None or isinstance(x, (DionDimensionNumbers,
+                                     MuonDimensionNumbers))
+
+
+def default_dimension_numbers(ndim: int, layer_axes: int
+                              ) -> DionDimensionNumbers | None:
+  """A Dense kernel ``(fan_in, fan_out)``, optionally stacked: the last two
+  axes of a 2-D leaf or of a ``(2 + layer_axes)``-D one; None otherwise."""
+  if ndim == 2:
+    return DionDimensionNumbers()
+  if layer_axes and ndim == 2 + layer_axes:
+    return DionDimensionNumbers(layer_axes, layer_axes + 1)
+  return None
 
 
 def _as_axes(axes: Axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
@@ -85,7 +107,7 @@ def update_scale(fan_in: int, fan_out: int, scale: Scale) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class MatrixSpec:
+class MatrixView:
   """Static facts about one weight leaf seen as a batch of matrices."""
   path: str
   shape: tuple[int, ...]
@@ -96,7 +118,7 @@ class MatrixSpec:
   rank: int
   scale: float
   # Layout axis of the right factor Q, the smaller side of the whole matrix
-  # (fan-out is "large" on a tie). Kept when the spec is localized to one
+  # (fan-out is "large" on a tie). Kept when the view is localized to one
   # device's block, whose own sides may compare the other way.
   small_axis: Literal["in", "out"]
   reduction_ndim: int            # how many axes make up fan-in
@@ -105,11 +127,7 @@ class MatrixSpec:
   def small(self) -> int:
     return self.fan_in if self.small_axis == "in" else self.fan_out
 
-  @property
-  def big(self) -> int:
-    return self.fan_out if self.small_axis == "in" else self.fan_in
-
-  def localized(self, shape: Sequence[int]) -> "MatrixSpec":
+  def localized(self, shape: Sequence[int]) -> "MatrixView":
     """The same matrices seen through one device's block of shape ``shape``.
 
     Rank, scale and orientation stay those of the whole weight; only the
@@ -145,17 +163,17 @@ class MatrixSpec:
     return x
 
 
-def matrix_spec(
+def matrix_view(
     path: str,
     shape: tuple[int, ...],
-    dims: DionDimensionNumbers,
+    dims: DionDimensionNumbers | MuonDimensionNumbers,
     *,
     rank: int | None,
     rank_fraction: float,
     rank_multiple_of: int,
     scale: Scale,
-) -> MatrixSpec:
-  """Validates ``dims`` against a leaf's shape and derives its MatrixSpec.
+) -> MatrixView:
+  """Validates ``dims`` against a leaf's shape and derives its MatrixView.
 
   Raises:
     ValueError: naming ``path``, when the leaf cannot be seen as matrices.
@@ -179,7 +197,7 @@ def matrix_spec(
     raise ValueError(f"{path}: empty matrix of shape {shape}.")
   r = rank_for(min(fan_in, fan_out), rank=rank, rank_fraction=rank_fraction,
                rank_multiple_of=rank_multiple_of)
-  return MatrixSpec(
+  return MatrixView(
       path=path,
       shape=tuple(shape),
       permutation=batch + red + out,

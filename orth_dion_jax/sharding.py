@@ -24,11 +24,10 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from orth_dion_jax.collectives import AxisGroup, Collectives
-from orth_dion_jax.matrix_view import MatrixSpec
+from orth_dion_jax.matrix_view import MatrixView
 
 Array = jax.Array
 SpecEntry = Any   # None | str | tuple[str, ...]
@@ -36,7 +35,7 @@ SpecEntry = Any   # None | str | tuple[str, ...]
 
 class LeafPlan(NamedTuple):
   """One weight's place on the mesh."""
-  spec: PartitionSpec           # the weight's (and its gradient's)
+  weight_spec: PartitionSpec    # the weight's (and its gradient's)
   collectives: Collectives
   right_factor_spec: PartitionSpec   # Q: batch..., small side, r
   batch_spec: PartitionSpec     # per-matrix scalars (captured fraction, ...)
@@ -45,8 +44,8 @@ class LeafPlan(NamedTuple):
   @property
   def momentum_spec(self) -> PartitionSpec:
     if self.compressed:
-      return PartitionSpec(self.collectives.replicas.axes, *self.spec)
-    return self.spec
+      return PartitionSpec(self.collectives.replicas.axes, *self.weight_spec)
+    return self.weight_spec
 
 
 def _entry_axes(entry: SpecEntry) -> tuple[str, ...]:
@@ -113,13 +112,13 @@ def _group_axes(spec, dims: Sequence[int], what: str, path: str
   return _entry_axes(spec[leading])
 
 
-def compresses(matrix: MatrixSpec) -> bool:
+def compresses(matrix: MatrixView) -> bool:
   """Whether ``(m + n) r < m n``: the factors are smaller than the matrix."""
   return (matrix.fan_in + matrix.fan_out) * matrix.rank < (
       matrix.fan_in * matrix.fan_out)
 
 
-def leaf_plan(matrix: MatrixSpec, spec: PartitionSpec | None,
+def leaf_plan(matrix: MatrixView, spec: PartitionSpec | None,
               mesh: jax.sharding.Mesh, data_axis: str | None) -> LeafPlan:
   """The plan of one weight (``matrix``, global shapes) sharded by ``spec``."""
   path, ndim = matrix.path, len(matrix.shape)
@@ -151,7 +150,7 @@ def leaf_plan(matrix: MatrixSpec, spec: PartitionSpec | None,
       small=AxisGroup(small_axes), replicas=replicas)
   batch = tuple(entries[d] for d in batch_dims)
   return LeafPlan(
-      spec=PartitionSpec(*entries),
+      weight_spec=PartitionSpec(*entries),
       collectives=collectives,
       right_factor_spec=PartitionSpec(*batch, _entry(small_axes), None),
       batch_spec=PartitionSpec(*batch),
@@ -163,60 +162,9 @@ def has_auto_axes(mesh) -> bool:
   return any(t == auto for t in getattr(mesh, "axis_types", ()))
 
 
-def inferred_spec(x: Any, path: str, mesh: jax.sharding.Mesh,
-                  leading_replica_axis: bool = False) -> PartitionSpec:
-  """The ``PartitionSpec`` ``x`` carries (its type's or its array's).
-
-  Under ``jit`` an ``Explicit`` mesh puts the sharding in the type; an
-  ``Auto`` mesh does not, so there ``param_specs`` must be given.
-  """
-  spec = None
-  if isinstance(x, jax.core.Tracer):
-    if has_auto_axes(mesh):
-      raise ValueError(
-          f"{path}: under jit, a mesh with Auto axes does not record how a "
-          "parameter is sharded. Pass param_specs= (a tree of PartitionSpec "
-          "like the parameters, e.g. from nnx.get_partition_spec), or use a "
-          "mesh with Explicit axes (the jax.make_mesh default).")
-    spec = getattr(jax.typeof(x).sharding, "spec", None)
-  else:
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-      spec = sharding.spec
-    elif sharding is not None and not sharding.is_fully_replicated:
-      raise ValueError(f"{path}: its sharding {sharding} is not a "
-                       "NamedSharding; pass param_specs.")
-  spec = PartitionSpec() if spec is None else spec
-  if leading_replica_axis:
-    spec = PartitionSpec(*tuple(spec)[1:])
-  return spec
-
-
-def is_spec_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, (PartitionSpec, NamedSharding))
-
-
-def spec_of(x: PartitionSpec | NamedSharding | None) -> PartitionSpec | None:
-  return x.spec if isinstance(x, NamedSharding) else x
-
-
-def place(x: Array, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> Array:
-  """``x`` laid out as ``spec`` over ``mesh`` (eagerly or under jit)."""
-  sharding = NamedSharding(mesh, spec)
-  if isinstance(x, jax.core.Tracer):
-    if has_auto_axes(mesh):
-      return jax.lax.with_sharding_constraint(x, sharding)
-    return jax.sharding.reshard(x, sharding)
-  return jax.device_put(x, sharding)
-
-
 def replica_count(mesh: jax.sharding.Mesh, data_axis: str) -> int:
   if data_axis not in mesh.axis_names:
     raise ValueError(f"data_axis {data_axis!r} is not an axis of the mesh "
                      f"{tuple(mesh.axis_names)}.")
   return mesh.shape[data_axis]
 
-
-def scalar(x) -> Array:
-  """A replicated float32 scalar operand for shard_map."""
-  return jnp.asarray(x, jnp.float32)

@@ -20,8 +20,9 @@ import numpy as np
 # ``optax.inject_hyperparams(orth_dion, static_args=STATIC_ARGS)``.
 STATIC_ARGS = (
     "rank_fraction", "rank", "rank_multiple_of", "power_iters", "seed",
-    "right_factor", "orthogonalize", "scale", "momentum_dtype",
-    "weight_dimension_numbers", "param_labels",
+    "orthogonalize", "scale", "momentum_dtype",
+    "weight_dimension_numbers", "param_labels", "layer_axes", "mesh",
+    "param_specs", "data_axis",
 )
 
 _STATIC_HINT = ("; under optax.inject_hyperparams pass "

@@ -22,6 +22,15 @@ import orth_dion_jax
 import reference
 
 
+# The optimizer alias for each right factor: orth_dion fixes "qr", dion "column".
+ALIASES = {"qr": orth_dion_jax.orth_dion, "column": orth_dion_jax.dion}
+
+
+def alias_for(right_factor: str, *args, **kwargs):
+  """``orth_dion(*args, **kwargs)`` or ``dion(...)``, by right factor."""
+  return ALIASES[right_factor](*args, **kwargs)
+
+
 def well_conditioned(rng: np.random.Generator, shape: tuple[int, int],
                      smallest: float = 0.1) -> np.ndarray:
   """A gradient-like float64 matrix: random singular vectors, singular values

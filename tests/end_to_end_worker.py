@@ -211,7 +211,7 @@ def make_optimizer(optimizer: str, method: str, form: str, mesh, param_specs,
       optax.add_decayed_weights(WEIGHT_DECAY),
       optax.scale_by_learning_rate(lr))
   adam = optax.adamw(adam_lr, b1=0.95, b2=0.98, weight_decay=0.0)
-  return optax.partition({orth_dion_jax.LOW_RANK: low_rank, orth_dion_jax.ADAM: adam},
+  return optax.partition({"low_rank": low_rank, "adam": adam},
                          orth_dion_jax.default_param_labels)
 
 

@@ -28,7 +28,7 @@ def _compile(f, mesh, in_specs, out_specs, *shapes):
 
 
 def _records(f, in_specs, out_specs, *shapes, mesh=MESH):
-  return comm.collectives(_compile(f, mesh, in_specs, out_specs, *shapes), mesh)
+  return comm.collective_ops(_compile(f, mesh, in_specs, out_specs, *shapes), mesh)
 
 
 @pytest.mark.parametrize("axes, group_size", [
@@ -92,7 +92,7 @@ def test_partitioner_inserted_all_reduce():
   w = jax.ShapeDtypeStruct((32, 8), jnp.float32,
                            sharding=NamedSharding(mesh, P("model")))
   compiled = jax.jit(jnp.matmul).lower(x, w).compile()
-  records = comm.collectives(compiled, mesh)
+  records = comm.collective_ops(compiled, mesh)
   # The partial (16, 8) products are summed over the 4 "model" shards; XLA
   # prints these groups in the mesh-axes form ("mesh[...] {...}").
   assert [(r.kind, r.shape, r.axes) for r in records] == [
@@ -187,7 +187,7 @@ ASYNC_HLO = "\n".join([
 
 
 def test_async_pairs_count_once_with_the_done_shape():
-  records = comm.collectives(ASYNC_HLO, MESH)
+  records = comm.collective_ops(ASYNC_HLO, MESH)
   assert [(r.kind, r.shape, r.dtype, r.bytes, r.axes, r.name)
           for r in records] == [
       ("all-reduce", (16, 8), "f32", 512, ("model",), "ar-start"),

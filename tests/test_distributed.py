@@ -24,7 +24,8 @@ from jax.sharding import PartitionSpec as P
 import orth_dion_jax as od
 from orth_dion_jax import communication
 from orth_dion_jax import data_parallel
-from orth_dion_jax.transform import ReplicaMomenta
+from orth_dion_jax.data_parallel import ReplicaMomenta
+from core_helpers import alias_for
 
 AXES = ("data", "fsdp", "tensor")
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
@@ -82,9 +83,9 @@ def _put(tree, mesh, lead=False):
           for k, v in tree.items()}
 
 
-def _optimizer(**kw):
-  return od.orth_dion(learning_rate=0.05, rank_fraction=0.25,
-                      weight_dimension_numbers=DIMS, **kw)
+def _optimizer(right_factor="qr", **kw):
+  return alias_for(right_factor, learning_rate=0.05, rank_fraction=0.25,
+                   weight_dimension_numbers=DIMS, **kw)
 
 
 def _train(tx, params, grads, *, per_replica: bool, put=lambda t, lead: t):
@@ -231,7 +232,7 @@ def _update_collectives(mesh, compressed):
   with jax.set_mesh(mesh):
     state = jax.jit(tx.init)(params)
     compiled = jax.jit(tx.update).lower(grads, state).compile()
-  return communication.collectives(compiled, mesh)
+  return communication.collective_ops(compiled, mesh)
 
 
 @pytest.mark.parametrize("compressed", [False, True],

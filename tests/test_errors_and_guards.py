@@ -31,7 +31,6 @@ BAD_HYPERPARAMETERS = [
     (dict(mu=1.0), ValueError, "mu"),
     (dict(mu=-0.1), ValueError, "mu"),
     (dict(orthogonalize="svd"), ValueError, "orthogonalize"),
-    (dict(right_factor="rows"), ValueError, "right_factor"),
     (dict(scale="unit"), ValueError, "scale"),
     (dict(scale=-1.0), ValueError, "scale"),
     (dict(power_iters=0), ValueError, "power_iters"),
@@ -63,6 +62,19 @@ def test_invalid_hyperparameters_name_the_argument(factory, kwargs, error,
                                                    name):
   with pytest.raises(error, match=rf"\b{name}\b"):
     factory(**kwargs)
+
+
+@pytest.mark.parametrize("factory", [orth_dion_jax.orth_dion,
+                                     orth_dion_jax.dion])
+def test_aliases_fix_the_right_factor(factory):
+  """dion(right_factor="qr") would silently be Orth-Dion: it is refused."""
+  with pytest.raises(TypeError, match=r"\bright_factor\b.*fixes it"):
+    factory(0.01, right_factor="qr")
+
+
+def test_invalid_right_factor_names_the_argument():
+  with pytest.raises(ValueError, match=r"\bright_factor\b"):
+    orth_dion_jax.scale_by_orth_dion(right_factor="rows")
 
 
 @pytest.mark.parametrize("kwargs,error,name", ALIAS_ONLY,

@@ -17,6 +17,7 @@ import pytest
 import orth_dion_jax
 from core_helpers import gradient_steps
 from core_helpers import kernel_tree
+from core_helpers import alias_for
 from core_helpers import run_against_reference
 
 STEPS = 10
@@ -37,9 +38,9 @@ def _check_alias(shapes, *, right_factor, orthogonalize, rank_fraction,
   rng = np.random.default_rng(1)
   params = kernel_tree(rng, shapes)
   lr, mu, wd = 0.05, 0.9, 0.1
-  tx = orth_dion_jax.orth_dion(
-      lr, rank_fraction=rank_fraction, mu=mu, weight_decay=wd,
-      right_factor=right_factor, orthogonalize=orthogonalize,
+  tx = alias_for(
+      right_factor, lr, rank_fraction=rank_fraction, mu=mu, weight_decay=wd,
+      orthogonalize=orthogonalize,
       power_iters=power_iters, scale=scale, momentum_dtype=momentum_dtype)
   return run_against_reference(
       tx, params, gradient_steps(rng, shapes, STEPS),

@@ -1,0 +1,198 @@
+"""One optimizer step of every weight matrix: the glue around the math.
+
+``step_matrices`` takes each weight's gradient, momentum and right factor,
+forms the buffer ``B = M + G`` in the layout view (``matrix_view``), runs the
+power iteration of all matrices together (``low_rank.power_iteration``, where
+factors that share a rank are orthonormalized in one batched call) and
+derives the update ``s P Q^T``, the error feedback and the new state of each.
+
+The same code runs on whole arrays (one device) and on one device's blocks
+inside ``jax.shard_map`` (``placement``): each weight's ``Collectives`` say
+which mesh axes complete its sums, and are empty on one device.
+
+Non-finite values (docs/design.md, "Failure semantics"): a matrix whose
+gradient, schedule values, ``B``, ``R`` or new ``Q`` is not finite, or whose
+new momentum would not fit its dtype, is skipped for that step: zero update,
+``Q`` kept, the skip counted. Its momentum is kept when only the gradient or
+a schedule was bad, and reset to zero when ``B`` itself or its factors were
+not finite. The other matrices step normally.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from orth_dion_jax import low_rank
+from orth_dion_jax import matrix_view
+from orth_dion_jax import nonfinite
+from orth_dion_jax.collectives import Collectives
+from orth_dion_jax.settings import LowRankCompressor
+
+Array = jax.Array
+
+
+class StepInputs(NamedTuple):
+  """What the step reads: one entry per matrix in each list, and scalars."""
+  grads: list[Array]              # like the weights (plus a replica axis)
+  momenta: list[Array | None]     # like the weights; None without momentum
+  right_factors: list[Array]      # batch + (small, r), float32
+  nonfinite_counts: list[Array]   # batch shape, int32
+  count: Array                    # (), int32: steps taken
+  eps: Array                      # (), float32: Dion's epsilon this step
+  decays: tuple[Array, Array] | None   # (), float32: (residual, captured)
+
+
+class MatrixStep(NamedTuple):
+  """What the step returns for one matrix."""
+  update: Array                # like the weight, the gradient's dtype
+  momentum: Array | None       # like the weight, the momentum's dtype
+  right_factor: Array          # batch + (small, r), float32
+  captured_fraction: Array     # batch shape, float32
+  nonfinite_count: Array       # batch shape, int32
+
+
+def schedule_value(value: optax.ScalarOrSchedule, count: Array) -> Array:
+  """A hyperparameter's value at ``count``, as a float32 scalar (an operand
+  that ``shard_map`` replicates)."""
+  return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
+
+
+class _Prepared(NamedTuple):
+  """A leaf in layout view, ready for the power iteration."""
+  view: matrix_view.MatrixView   # sizes of this device's block
+  buffer: Array    # B = M + G (or G without momentum), (n, fan_in, fan_out)
+  finite: Array    # (n,) bool: the gradient and the schedules are finite
+  momentum_dtype: Any = None   # the new momentum's dtype (None: no momentum)
+
+
+def _prepare(view: matrix_view.MatrixView, grad: Array,
+             momentum: Array | None, collectives: Collectives,
+             schedules_finite: Array) -> _Prepared:
+  g = view.to_layout(grad)
+  # A non-finite gradient (or schedule value) is dropped before it touches the
+  # momentum: B = M, and _finish keeps that M. max|g| is NaN or Inf exactly
+  # when some entry is: one reduction, no mask. Every block and replica must
+  # agree on the flag.
+  bad = ~jnp.isfinite(jnp.max(jnp.abs(g), axis=(-2, -1)))
+  finite = ((collectives.everything.max(bad.astype(jnp.int32)) == 0)
+            & schedules_finite)
+  g = jnp.where(finite[:, None, None], g, 0)
+  if momentum is None:
+    return _Prepared(view, g, finite)
+  m = view.to_layout(momentum)
+  # B is held in float32 at least (or the momentum's wider dtype): with a
+  # bfloat16 momentum that is the one weight-sized temporary per matrix, and
+  # the products read it directly, where a bfloat16 B would be converted to
+  # float32 once per product by backends without bfloat16 matmuls (XLA:CPU).
+  dtype = jnp.promote_types(m.dtype, jnp.float32)
+  return _Prepared(view, m.astype(dtype) + g.astype(dtype), finite, m.dtype)
+
+
+def _finish(
+    prepared: _Prepared,
+    factors: low_rank.LowRankFactors,
+    q: Array,
+    q_finite: Array,
+    nonfinite_count: Array,
+    *,
+    decays: tuple[Array, Array] | None,
+    grad_dtype,
+    collectives: Collectives,
+) -> MatrixStep:
+  """Update, error feedback and new state of one leaf from its factors.
+
+  The non-finite guard, per matrix: a step is taken only when its gradient
+  and schedules (``prepared.finite``), ``B``, ``R`` and the new ``Q`` are
+  finite and the new momentum fits its dtype. Otherwise the update is zero,
+  ``Q`` is kept and the skip is counted. The momentum is kept when only the
+  gradient or a schedule was bad (they never entered ``B``); when ``B``
+  itself or its factors are not finite (a corrupt momentum, ``M + G``
+  overflowing), it is reset to zero, since there is no finite momentum left
+  to keep, and the next step starts the error feedback afresh. A carried
+  ``Q`` that was not finite (``q_finite``) was replaced before the step and
+  is counted as well.
+  """
+  view, b, finite, momentum_dtype = prepared
+  b_max = low_rank.largest_magnitude(b, collectives)
+  # The new momentum a B - (a - c) P R^T is finite when B, P and R are; the
+  # update P Q^T needs the new Q too.
+  healthy = jnp.isfinite(b_max) & low_rank.all_finite(factors.projected,
+                                                      collectives)
+  if decays is not None:
+    # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
+    decays = tuple(jnp.where(finite, d, 1.0) for d in decays)
+    if jnp.finfo(momentum_dtype).max < jnp.finfo(jnp.float32).max:
+      healthy &= nonfinite.momentum_fits(b_max, factors, decays,
+                                         momentum_dtype, collectives)
+  step = (finite & healthy & low_rank.all_finite(factors.right, collectives)
+          )[:, None, None]
+  # Masks are selects in the elementwise pass that reads each product (a
+  # multiplication by 0 would keep a NaN); neither a factor nor a
+  # weight-sized array is copied to mask it. After B is formed nothing refers
+  # to the old momentum, so B's buffer can become the new momentum in place.
+  update = jnp.where(step, view.scale * factors.moved * low_rank.outer(
+      factors.left, factors.right, view.small_axis), 0.0).astype(grad_dtype)
+  new_q = jnp.where(step, factors.right, q)
+  if decays is None:
+    new_m = None
+  else:
+    residual_decay, captured_decay = (d[:, None, None] for d in decays)
+    new_m = view.from_layout(jnp.where(
+        healthy[:, None, None],
+        low_rank.error_feedback(
+            b, factors, small_axis=view.small_axis,
+            residual_decay=residual_decay, captured_decay=captured_decay),
+        0.0).astype(momentum_dtype))
+  captured = jnp.where(
+      step[:, 0, 0],
+      low_rank.captured_fraction(b, factors, b_max, collectives), 0.0)
+  return MatrixStep(
+      update=view.from_layout(update),
+      momentum=new_m,
+      right_factor=new_q,
+      captured_fraction=captured.reshape(view.batch_shape),
+      # A repaired right factor counts as a non-finite event too.
+      nonfinite_count=nonfinite_count + (~(step[:, 0, 0] & q_finite)).reshape(
+          view.batch_shape).astype(jnp.int32),
+  )
+
+
+def step_matrices(compressor: LowRankCompressor,
+                  views: Sequence[matrix_view.MatrixView],
+                  collectives: Sequence[Collectives],
+                  inputs: StepInputs) -> list[MatrixStep]:
+  """One step of every matrix, on whole arrays or on one device's blocks.
+
+  ``views`` describe the whole weights; each is localized to the block it is
+  given (the identity on one device), and ``collectives`` complete the sums
+  across blocks and replicas.
+  """
+  # A schedule value that is not finite skips every matrix's step.
+  schedules_finite = functools.reduce(jnp.logical_and, [
+      jnp.isfinite(v) for v in (inputs.eps, *(inputs.decays or ()))])
+  prepared = [
+      _prepare(v.localized(g.shape), g, m, c, schedules_finite)
+      for v, g, m, c in zip(views, inputs.grads, inputs.momenta, collectives)]
+  qs, qs_finite = zip(*[
+      nonfinite.finite_right_factor(
+          q.reshape(-1, p.view.small, p.view.rank), c)
+      for p, q, c in zip(prepared, inputs.right_factors, collectives)])
+  step_key = jax.random.fold_in(jax.random.key(compressor.seed), inputs.count)
+  factors = low_rank.power_iteration(
+      [low_rank.MatrixTask(buffer=p.buffer, right_factor=q,
+                           small_axis=p.view.small_axis, collectives=c)
+       for p, q, c in zip(prepared, qs, collectives)],
+      config=compressor.step_config, eps=inputs.eps, key=step_key)
+  results = [
+      _finish(p, f, q, q_finite, skips, decays=inputs.decays,
+              grad_dtype=g.dtype, collectives=c)
+      for p, f, q, q_finite, skips, g, c in zip(
+          prepared, factors, qs, qs_finite, inputs.nonfinite_counts,
+          inputs.grads, collectives)]
+  return [r._replace(right_factor=r.right_factor.reshape(old.shape))
+          for r, old in zip(results, inputs.right_factors)]

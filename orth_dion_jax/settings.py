@@ -1,0 +1,247 @@
+"""Every setting of the optimizers, declared once.
+
+A setting is a field of one frozen dataclass here: its name, default, type,
+one-line meaning and eager check live together. The public functions
+(``orth_dion``, ``dion``, ``scale_by_orth_dion``, ...) take the settings of
+the groups they use as keyword arguments; ``accepts`` gives each of them the
+signature and the "Settings" section of its docstring from these fields, so
+``help(orth_dion)`` and ``inspect.signature`` list every keyword with its
+default, and a setting added or changed here reaches every function that
+uses its group. The groups:
+
+* ``LowRankCompressor``: the low-rank step (rank, right factor, method, ...);
+* ``ErrorFeedback``: Dion's momentum around it (mu, momentum dtype);
+* ``MatrixAxes``: which axes of each weight are its matrix and which stack
+  layers;
+* ``Placement``: the mesh the weights are sharded over, compressed data
+  parallelism;
+* ``OtherLeaves``: weight decay, routing labels and AdamW for everything that
+  is not a hidden weight matrix (the optimizer aliases only).
+
+A function that fixes a setting (``dion`` always uses the column-normalized
+right factor) leaves it out of its signature: ``dion(right_factor="qr")`` is a
+``TypeError``, not a silent Orth-Dion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import textwrap
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from orth_dion_jax import low_rank
+from orth_dion_jax import matrix_view
+from orth_dion_jax import orthogonalize
+from orth_dion_jax import validation
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+def _setting(default: Any, doc: str) -> Any:
+  return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankCompressor:
+  """The low-rank orthonormalized step's static configuration."""
+  rank_fraction: float = _setting(
+      0.25, "r = ceil(rank_fraction * min(fan_in, fan_out)).")
+  rank: int | None = _setting(
+      None, "explicit rank; overrides rank_fraction (clipped per matrix).")
+  rank_multiple_of: int = _setting(1, "r is rounded up to a multiple of this.")
+  right_factor: low_rank.RightFactor = _setting(
+      "qr", '"qr" (Orth-Dion: sign-safe QR) or "column" (Dion: column '
+      "normalization).")
+  orthogonalize: orthogonalize.Method = _setting(
+      "cholesky_qr", " | ".join(f'"{m}"' for m in orthogonalize.METHODS)
+      + ": how P and the QR right factor are orthonormalized "
+      "(docs/design.md, \"The orthonormalization methods\").")
+  power_iters: int = _setting(1, "power iterations per step (1 in the papers).")
+  eps: ScalarOrSchedule = _setting(
+      1e-8, "epsilon of Dion's column normalization (float or schedule).")
+  scale: matrix_view.Scale = _setting(
+      "spectral", '"spectral" (sqrt(fan_out / fan_in)), "rms" '
+      "(0.2 sqrt(max(fan_in, fan_out))), a float, or None (1).")
+  seed: int = _setting(
+      0, "seeds the initial right factors and randomized sketches; the same "
+      "seed gives the same factors on every replica and host.")
+
+  def __post_init__(self):
+    validation.check_rank_arguments(self.rank, self.rank_fraction,
+                                    self.rank_multiple_of)
+    validation.check_choice("right_factor", self.right_factor,
+                            low_rank.RIGHT_FACTORS)
+    validation.check_choice("orthogonalize", self.orthogonalize,
+                            orthogonalize.METHODS)
+    validation.check_positive_int("power_iters", self.power_iters)
+    validation.check_seed(self.seed)
+    validation.check_scale(self.scale)
+    validation.check_nonnegative("eps", self.eps)
+
+  @property
+  def step_config(self) -> low_rank.LowRankConfig:
+    return low_rank.LowRankConfig(
+        right_factor=self.right_factor, orthogonalize=self.orthogonalize,
+        power_iters=self.power_iters)
+
+  def view(self, path: str, shape, dims: matrix_view.DionDimensionNumbers
+           ) -> matrix_view.MatrixView:
+    """The weight at ``path`` seen as matrices, with this compressor's rank."""
+    return matrix_view.matrix_view(
+        path, tuple(shape), dims, rank=self.rank,
+        rank_fraction=self.rank_fraction,
+        rank_multiple_of=self.rank_multiple_of, scale=self.scale)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ErrorFeedback:
+  """Dion's momentum with error feedback around the low-rank step."""
+  mu: ScalarOrSchedule = _setting(
+      0.95, "error-feedback decay of the captured part, in [0, 1) (float or "
+      "schedule).")
+  momentum_dtype: Any = _setting(
+      None, "dtype of the momentum, e.g. jnp.bfloat16 (None: the "
+      "parameter's); the factorizations run in float32 regardless.")
+
+  def __post_init__(self):
+    validation.check_unit_interval("mu", self.mu, closed_right=False)
+    validation.check_float_dtype("momentum_dtype", self.momentum_dtype)
+
+  @property
+  def dtype(self) -> jnp.dtype | None:
+    return None if self.momentum_dtype is None else jnp.dtype(
+        self.momentum_dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatrixAxes:
+  """Which axes of each weight form its matrix."""
+  weight_dimension_numbers: Any = _setting(
+      None, "tree (or callable of the parameters) of DionDimensionNumbers "
+      "(or optax.contrib.MuonDimensionNumbers) for low-rank leaves and None "
+      "for AdamW ones; None: the default routing.")
+  layer_axes: int = _setting(
+      0, "leading axes that stack layers (nnx.scan / nnx.vmap models): a "
+      "leaf with 2 + layer_axes axes is a stack of (fan_in, fan_out) "
+      "matrices, each with its own factors.")
+
+  def __post_init__(self):
+    validation.check_static_int("layer_axes", self.layer_axes)
+    if self.layer_axes < 0:
+      raise ValueError(f"layer_axes must be >= 0, got {self.layer_axes}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Placement:
+  """Where the weights live: the mesh and how each weight is sharded."""
+  mesh: jax.sharding.Mesh | None = _setting(
+      None, "the mesh the parameters are sharded over; None: read from the "
+      "parameters (an Explicit mesh, concrete arrays or jax.set_mesh). The "
+      "low-rank step then runs under jax.shard_map on each device's blocks.")
+  param_specs: Any = _setting(
+      None, "tree (or callable of the parameters) of PartitionSpec or "
+      "NamedSharding; None: read from the arrays or their types. Needed "
+      "under jit with Auto mesh axes.")
+  data_axis: str | None = _setting(
+      None, "mesh axis of compressed data parallelism: gradients carry a "
+      "leading replica axis (per_replica_value_and_grad) and only the "
+      "low-rank factors are averaged across it.")
+
+  def __post_init__(self):
+    if self.mesh is None and (self.data_axis is not None
+                              or self.param_specs is not None):
+      raise ValueError("data_axis and param_specs need mesh= (the mesh the "
+                       "parameters are sharded over).")
+    if self.data_axis is not None and self.data_axis not in (
+        self.mesh.axis_names):
+      raise ValueError(f"data_axis {self.data_axis!r} is not an axis of the "
+                       f"mesh {tuple(self.mesh.axis_names)}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OtherLeaves:
+  """Weight decay, routing labels, and AdamW for the non-matrix leaves."""
+  weight_decay: ScalarOrSchedule = _setting(
+      0.01, "decoupled weight decay of the low-rank matrices.")
+  param_labels: Any = _setting(
+      None, 'tree (or callable of the parameters) of "low_rank" / "adam" '
+      "labels; overrides the default routing.")
+  adam_learning_rate: ScalarOrSchedule | None = _setting(
+      None, "AdamW's learning rate (None: the low-rank learning rate).")
+  adam_b1: float = _setting(0.95, "AdamW's first-moment decay.")
+  adam_b2: float = _setting(0.98, "AdamW's second-moment decay.")
+  adam_eps: float = _setting(1e-8, "AdamW's epsilon.")
+  adam_weight_decay: ScalarOrSchedule = _setting(
+      0.0, "AdamW's decoupled weight decay.")
+
+  def __post_init__(self):
+    if self.adam_learning_rate is not None:
+      validation.check_nonnegative("adam_learning_rate",
+                                   self.adam_learning_rate)
+    for name in ("weight_decay", "adam_weight_decay", "adam_eps"):
+      validation.check_nonnegative(name, getattr(self, name))
+    for name in ("adam_b1", "adam_b2"):
+      validation.check_unit_interval(name, getattr(self, name),
+                                     closed_right=False)
+
+
+def _fields(groups, omit) -> list[dataclasses.Field]:
+  return [f for g in groups for f in dataclasses.fields(g)
+          if f.name not in omit]
+
+
+def accepts(*groups: type, omit: tuple[str, ...] = ()) -> Callable:
+  """Gives a ``def f(..., **settings)`` the groups' fields as keywords.
+
+  The signature (``inspect.signature``, ``help``) lists the function's own
+  parameters, then every field of ``groups`` except ``omit``, keyword-only,
+  with its default; the docstring gains a "Settings" section with each
+  field's meaning. The function reads them with ``parse``.
+  """
+  def decorate(fn: Callable) -> Callable:
+    fields = _fields(groups, omit)
+    own = [p for p in inspect.signature(fn).parameters.values()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    fn.__signature__ = inspect.signature(fn).replace(parameters=own + [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                          default=f.default) for f in fields])
+    lines = [f"{f.name}: {f.metadata['doc']} Default: {f.default!r}."
+             for f in fields]
+    section = "\n".join(textwrap.fill(
+        line, 76, initial_indent="  ", subsequent_indent="    ")
+        for line in lines)
+    fn.__doc__ = (inspect.cleandoc(fn.__doc__ or "")
+                  + "\n\nSettings (keyword arguments):\n" + section + "\n")
+    fn.__orth_dion_settings__ = (groups, omit)
+    return fn
+  return decorate
+
+
+def parse(fn: Callable, settings: dict[str, Any], *,
+          fixed: dict[str, Any] | None = None) -> dict[type, Any]:
+  """The groups ``fn`` accepts (see ``accepts``), built from its keywords.
+
+  Raises:
+    TypeError: naming ``fn`` and the closest valid keyword, for a keyword
+      that is not one of ``fn``'s settings.
+  """
+  groups, omit = fn.__orth_dion_settings__
+  known = {f.name for f in _fields(groups, omit)}
+  for name in settings:
+    if name not in known:
+      close = difflib.get_close_matches(name, sorted(known), n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else "."
+      if name in omit:
+        hint = f": {fn.__name__} fixes it{hint}"
+      raise TypeError(f"{fn.__name__}() got an unexpected keyword argument "
+                      f"{name!r}{hint}")
+  given = {**settings, **(fixed or {})}
+  return {g: g(**{f.name: given[f.name] for f in dataclasses.fields(g)
+                  if f.name in given}) for g in groups}
+
