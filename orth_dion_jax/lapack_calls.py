@@ -25,6 +25,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from orth_dion_jax import blas_threads
+
 Array = jax.Array
 
 # Batches up to this size are unrolled into single calls; larger ones loop.
@@ -43,6 +45,7 @@ def per_matrix(fn: Callable[..., object], *operands: Array):
     ``fn``'s output, batched: one call per matrix on CPU, one batched call
     elsewhere.
   """
+  blas_threads.limit_lapack_threads()  # before the calls can ever run
   def one_at_a_time(*xs):
     batch = xs[0].shape[0]
     if batch > _MAX_UNROLLED:   # one call in a loop: a compact program
