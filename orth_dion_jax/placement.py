@@ -46,10 +46,15 @@ def _auto_mesh_error(path: str, mesh: Mesh) -> ValueError:
 
 
 def _carried_mesh(x: Any) -> Mesh | None:
-  """The mesh ``x`` is sharded over, as far as ``x`` itself tells."""
+  """The mesh ``x`` may be sharded over, as far as ``x`` itself tells.
+
+  A mesh of one device shards nothing and is ignored. Under jit an Auto
+  mesh is returned whatever the spec its type shows, since that spec says
+  nothing about the array's layout.
+  """
   if isinstance(x, jax.core.Tracer):
     mesh = getattr(jax.typeof(x).sharding, "mesh", None)
-    return None if mesh is None or mesh.empty else mesh
+    return None if mesh is None or mesh.empty or mesh.size == 1 else mesh
   carried = getattr(x, "sharding", None)
   if isinstance(carried, NamedSharding) and not carried.is_fully_replicated:
     return carried.mesh
