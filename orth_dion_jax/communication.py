@@ -205,9 +205,16 @@ def collective_ops(compiled: Any, mesh: jax.sharding.Mesh) -> list[CollectiveOp]
   Returns:
     The records in program order.
 
-  Example:
-    >>> step = jax.jit(train_step).lower(params, opt_state, batch).compile()
-    >>> print(summary_table(collective_ops(step, mesh)))
+  Example (with 8 devices, e.g.
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on CPU)::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((8,), ("x",))
+    >>> x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("x")))
+    >>> compiled = jax.jit(lambda x: x.sum(axis=0)).lower(x).compile()
+    >>> [(op.kind, op.bytes, op.axes) for op in collective_ops(compiled, mesh)]
+    [('all-reduce', 16, ('x',))]
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   records, started = [], {}
