@@ -23,8 +23,10 @@ CPU: every QR, Cholesky and triangular solve goes through
 at once can deadlock XLA:CPU.
 
 Sharding: ``rows`` (a ``collectives.AxisGroup``) names the mesh axes over which
-the rows of ``A`` are split (none on one device). Cholesky-based methods only
-ever sum ``r x r`` Gram matrices and ``s x r`` sketches across devices; only
+the rows of ``A`` are split (none on one device). Across devices the
+Cholesky-based methods only exchange ``r x r`` Gram matrices, ``s x r``
+sketches, ``1 x r`` column maxima (the prescaling) and the fallback's
+one-flag agreement; only
 the Householder method (and the rare fallback to it) gathers the ``k x r``
 factor, never a weight-sized array.
 
@@ -182,7 +184,8 @@ def cholesky_qr(arrays: Sequence[Array], *,
 
   ``T = chol(A^T A)^T``, ``Q = A T^{-1}``, done twice. Positive diagonal by
   construction. Only matmuls and ``r x r`` factorizations: fast on
-  accelerators, and only the Gram matrices cross devices.
+  accelerators, and across devices only the ``r x r`` Gram matrices, the
+  ``1 x r`` column maxima and the fallback flag.
   """
   q1, _ = _cholesky_qr_pass(arrays, rows)
   q2, gram1 = _cholesky_qr_pass(q1, rows)
@@ -263,7 +266,11 @@ def orthonormalize(
     key: Array | None = None,
     rows: AxisGroup = NO_AXES,
 ) -> Array:
-  """Q with orthonormal columns and A = Q T, diag(T) > 0, computed in float32.
+  """Q with orthonormal columns and A = Q T, diag(T) >= 0, computed in float32.
+
+  The diagonal is positive when ``A`` has full column rank; a column that is
+  a combination of the previous ones gets a zero diagonal entry, not a sign
+  flip.
 
   Args:
     a: ``(..., k, r)`` with ``k >= r``; any float dtype (upcast to float32).
