@@ -16,8 +16,8 @@ Procedure, identical for every optimizer ("arm"):
      Orth-Dion nu = ||P Q^T||_op (mean over matrices and steps, and its maximum). Per rank:
      Orth-Dion minus Dion, paired by seed, against the seed-to-seed spread.
 Nothing here is tuned per optimizer beyond step 1. The initial right factor Q0 of Dion and
-Orth-Dion is drawn from seed 0 in every run, so that every learning rate and seed of an arm
-shares one compiled train step.
+Orth-Dion is drawn from seed 0 in every run, so that the seeds of an arm's learning rate share one
+optimizer, and with it one compiled train step.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import optax
 
 from examples import data as data_lib
 from examples import train as train_lib
+from examples.config import DEFAULT_LEARNING_RATES, QR_METHODS, SCHEDULES, TrainConfig
 from examples.model import ModelConfig
 
 RANK_FRACTIONS = (0.5, 0.25, 0.125)
@@ -106,28 +107,27 @@ class ArmResult:
 
 
 class Runner:
-  """Trains one arm at one learning rate and seed; every run of an arm reuses one optimizer whose
-  peak learning rate is state (optax.inject_hyperparams), hence one compilation per arm."""
+  """Trains one arm at one learning rate and seed; the seeds of a learning rate reuse one
+  optimizer (its Q0 from seed 0), hence one compilation per arm and learning rate."""
 
-  def __init__(self, base: train_lib.TrainConfig, corpus, out: pathlib.Path, log):
+  def __init__(self, base: TrainConfig, corpus, out: pathlib.Path, log):
     self.base, self.corpus, self.out, self.log = base, corpus, out, log
-    self.optimizers: dict[Arm, optax.GradientTransformation] = {}
+    self.optimizers: dict[tuple[Arm, float], optax.GradientTransformation] = {}
 
-  def _config(self, arm: Arm, lr, seed: int) -> train_lib.TrainConfig:
+  def _config(self, arm: Arm, lr: float, seed: int) -> TrainConfig:
     return dataclasses.replace(self.base, optimizer=arm.optimizer, lr=lr, seed=seed,
                                rank_fraction=arm.rank_fraction or 1.0)
 
-  def _optimizer(self, arm: Arm) -> optax.GradientTransformation:
-    if arm not in self.optimizers:
-      build = lambda peak_lr: train_lib.make_optimizer(self._config(arm, peak_lr, seed=0))
-      self.optimizers[arm] = optax.inject_hyperparams(build)(peak_lr=1.0)
-    return self.optimizers[arm]
+  def _optimizer(self, arm: Arm, lr: float) -> optax.GradientTransformation:
+    if (arm, lr) not in self.optimizers:
+      self.optimizers[arm, lr] = train_lib.make_optimizer(self._config(arm, lr, seed=0))
+    return self.optimizers[arm, lr]
 
   def __call__(self, arm: Arm, lr: float, seed: int) -> Run:
     start = time.perf_counter()
     directory = self.out / arm.name.replace(" ", "_").replace("/", "") / f"lr{lr:.4g}_seed{seed}"
     config = dataclasses.replace(self._config(arm, lr, seed), out=str(directory))
-    records = train_lib.train(config, self.corpus, tx=self._optimizer(arm))
+    records = train_lib.train(config, self.corpus, tx=self._optimizer(arm, lr))
     final = [r["val_loss"] for r in records if "val_loss" in r][-1]
     run = Run(lr, seed, final if math.isfinite(final) else math.inf, records)
     self.log(f"{arm.name:16s} lr={lr:<8.4g} seed={seed}: val {run.val_loss:.4f} "
@@ -257,9 +257,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--d-model", type=int, default=64)
   add("--n-layers", type=int, default=2)
   add("--n-heads", type=int, default=2)
-  add("--schedule", choices=train_lib.SCHEDULES, default="cosine")
-  add("--orthogonalize", choices=("cholesky_qr", "householder", "randomized_cholesky_qr"),
-      default=None, help="QR method of Dion's and Orth-Dion's factors (default: the library's)")
+  add("--schedule", choices=SCHEDULES, default="cosine")
+  add("--orthogonalize", choices=QR_METHODS, default=None,
+      help="QR method of Dion's and Orth-Dion's factors (default: the library's)")
   add("--seeds", type=int, default=3, help="reporting seeds per arm, at least 2")
   add("--sweep-seeds", type=int, default=1, help="seeds each learning rate of the sweep runs on")
   add("--grid-points", type=int, default=5)
@@ -282,10 +282,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   started = time.perf_counter()
   out = pathlib.Path(args.out)
   arms = [arm for arm in ARMS if args.arms is None or arm.name.replace(" ", "@") in args.arms]
-  base = train_lib.TrainConfig(
+  base = TrainConfig(
       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-      model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                        mlp_hidden=3 * args.d_model),
+      model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads),
       schedule=args.schedule, data=args.data,
       orthogonalize=args.orthogonalize,
       eval_every=max(1, args.steps // 4), eval_tokens=16_384, log_every=50, checkpoint_every=0,
@@ -300,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   results = {}
   for arm in arms:
     grid, best_lr, edge = sweep(
-        runner, arm, center=train_lib.DEFAULT_LEARNING_RATES[arm.optimizer],
+        runner, arm, center=DEFAULT_LEARNING_RATES[arm.optimizer],
         points=args.grid_points, factor=args.grid_factor, max_extensions=args.max_extensions,
         seeds=sweep_seeds)
     results[arm.name] = ArmResult(arm, grid, best_lr, edge,

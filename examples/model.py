@@ -17,18 +17,26 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from examples.cli import integer, setting
+
 VOCAB_SIZE = 256  # bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  d_model: int = 96
-  n_layers: int = 3
-  n_heads: int = 3
-  mlp_hidden: int = 288
+  """The model's shape; its settings are flags of examples.train (examples/cli.py)."""
+  d_model: int = setting(96, "model width", parse=integer(1))
+  n_layers: int = setting(3, "number of transformer blocks", parse=integer(1))
+  n_heads: int = setting(3, "attention heads: must divide --d-model into an even head dimension",
+                         parse=integer(1))
+  # None: 3 * d_model, filled in at construction.
+  mlp_hidden: int | None = setting(None, "SwiGLU hidden width (default: 3 * d_model)",
+                                   parse=integer(1))
   rope_base: float = 10_000.0
 
   def __post_init__(self):
+    if self.mlp_hidden is None:
+      object.__setattr__(self, "mlp_hidden", 3 * self.d_model)
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
     if (self.d_model // self.n_heads) % 2:

@@ -7,15 +7,11 @@
     python -m examples.train --overwrite    # start afresh, replacing the checkpoints in --out
     python -m examples.train --mesh-data 2 --mesh-fsdp 2 --mesh-tensor 2 --compressed-dp
 
-Writes to --out (default runs/<optimizer>): metrics.jsonl (one JSON record per step, and one per
-validation), loss.png, and orbax checkpoints under checkpoints/. A run refuses to start while
-checkpoints/ holds anything, unless told to --resume that run or to --overwrite its checkpoints;
---overwrite deletes only the step directories orbax wrote (recognised by their contents, not their
-name alone), and refuses if there is anything else. --resume refuses a checkpoint written with
-other flags (run_flags).
-A fresh or --overwrite run rewrites metrics.jsonl and loss.png. The hidden weight matrices
-(attention and MLP projections) get the chosen spectral optimizer; the embedding, the output head
-and the norm scales get AdamW, as in the Dion reference.
+Every flag is a field of config.TrainConfig. A run writes metrics.jsonl, loss.png and checkpoints
+to --out (default runs/<optimizer>), and never over an earlier run's checkpoints unless told to
+--resume or --overwrite them (run_directory.py). The hidden weight matrices (attention and MLP
+projections) get the chosen spectral optimizer; the embedding, the output head and the norm scales
+get AdamW, as in the Dion reference.
 
 On a mesh, the batch is split over the "data" and "fsdp" axes and the weights over "fsdp" and
 "tensor" (model.partition_specs); Orth-Dion and Dion then run their sharded step. With
@@ -24,16 +20,11 @@ On a mesh, the batch is split over the "data" and "fsdp" axes and the weights ov
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
-import json
 import math
 import os
-import pathlib
-import shutil
 import time
-from typing import Any, Callable, Iterable, NoReturn, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,55 +35,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import orth_dion_jax
 from examples import data as data_lib
-from examples.checkpointing import (CheckpointMismatchError, Checkpointer, NoIntactCheckpointError,
-                                    committed_steps, is_step_directory, not_written_by_orbax)
-from examples.model import (VOCAB_SIZE, ModelConfig, Transformer, cross_entropy,
-                            dimension_numbers, hidden_matrix_mask, partition_specs)
+from examples.checkpointing import CheckpointMismatchError, NoIntactCheckpointError
+from examples.config import (OPTIMIZERS, TrainConfig, argument_parser, check_config, parse_args,
+                             run_flags)
+from examples.model import (Transformer, cross_entropy, dimension_numbers, hidden_matrix_mask,
+                            partition_specs)
+from examples.run_directory import (MetricsLog, check_run_directory, open_checkpoints,
+                                    plot_losses)
 
-OPTIMIZERS = ("orth_dion", "dion", "muon", "adamw")
-SCHEDULES = ("cosine", "wsd", "constant")
-# Peak learning rates for the default model and budget (the centre of compare.py's sweep grid).
-DEFAULT_LEARNING_RATES = {"orth_dion": 0.04, "dion": 0.04, "muon": 0.04, "adamw": 0.008}
 MESH_AXES = ("data", "fsdp", "tensor")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  optimizer: str = "orth_dion"
-  lr: float | None = None  # None: DEFAULT_LEARNING_RATES[optimizer]
-  rank_fraction: float = 0.25
-  orthogonalize: str | None = None  # None: the library's default
-  schedule: str = "cosine"
-  warmup_steps: int | None = None  # None: 5% of the steps
-  weight_decay: float = 0.01
-  model: ModelConfig = ModelConfig()
-  steps: int = 300
-  batch_size: int = 16
-  seq_len: int = 128
-  seed: int = 0
-  data: str | None = None  # None: the Python standard library's sources
-  max_bytes: int = data_lib.DEFAULT_MAX_BYTES
-  eval_every: int = 100
-  eval_tokens: int = 16_384
-  log_every: int = 10
-  mesh_data: int = 1
-  mesh_fsdp: int = 1
-  mesh_tensor: int = 1
-  compressed_dp: bool = False  # Orth-Dion / Dion: average low-rank factors, not gradients
-  out: str | None = None  # None: runs/<optimizer>
-  checkpoint_every: int = 100  # 0: no checkpoints
-  resume: bool = False
-  overwrite: bool = False  # replace the checkpoints an earlier run left in out_dir
-  progress: bool = True
-
-  @property
-  def peak_lr(self) -> float:
-    return DEFAULT_LEARNING_RATES[self.optimizer] if self.lr is None else self.lr
-
-  @property
-  def out_dir(self) -> pathlib.Path:
-    # An empty --out is refused (check_config), not taken for the default.
-    return pathlib.Path(os.path.join("runs", self.optimizer) if self.out is None else self.out)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -167,100 +118,8 @@ def shard(tree: Any, specs: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), tree, specs)
 
 
-def check_mesh(config: TrainConfig) -> None:
-  """Raises ValueError unless the batch and every weight axis split evenly over the mesh."""
-  splits = [("--batch-size", config.batch_size, config.mesh_data * config.mesh_fsdp,
-             "--mesh-data x --mesh-fsdp"),
-            ("--d-model", config.model.d_model, config.mesh_fsdp, "--mesh-fsdp"),
-            ("--n-heads", config.model.n_heads, config.mesh_tensor, "--mesh-tensor"),
-            ("--mlp-hidden", config.model.mlp_hidden, config.mesh_tensor, "--mesh-tensor"),
-            ("the vocabulary size", VOCAB_SIZE, config.mesh_tensor, "--mesh-tensor")]
-  for name, size, devices, axes in splits:
-    if size % devices:
-      raise ValueError(f"{name} {size} is not divisible by the {devices} devices of {axes}")
-  if config.compressed_dp and config.optimizer not in ("orth_dion", "dion"):
-    raise ValueError(f"--compressed-dp needs orth_dion or dion, not {config.optimizer!r}")
-  # It averages over the "data" replicas: with one there is nothing to compress, and no mesh.
-  if config.compressed_dp and config.mesh_data == 1:
-    raise ValueError("--compressed-dp needs --mesh-data > 1")
-
-
-def check_config(config: TrainConfig) -> None:
-  """Raises ValueError for settings that cannot run together: an unknown optimizer or schedule, a
-  warmup longer than the run, a mesh the batch or the weights do not split over, an empty --out,
-  or --resume without checkpoints or with --overwrite."""
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {SCHEDULES}")
-  if config.warmup_steps is not None and config.warmup_steps > config.steps:
-    raise ValueError(f"--warmup-steps {config.warmup_steps} is more than --steps {config.steps}: "
-                     "the learning rate would never reach its peak")
-  if config.out == "":
-    raise ValueError("--out is empty: name a run directory, or leave --out out for "
-                     "runs/<optimizer>")
-  check_mesh(config)
-  if config.resume and config.overwrite:
-    raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one")
-  if config.resume and not config.checkpoint_every:
-    raise ValueError("--resume needs checkpoints: set --checkpoint-every > 0")
-
-
-def _listing(names: Sequence[str], most: int = 5) -> str:
-  shown = ", ".join(names[:most])
-  return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
-
-
-def check_run_directory(config: TrainConfig) -> None:
-  """Raises ValueError unless out_dir/checkpoints is in the state the run asks for: empty or absent
-  for a fresh run (it never replaces what an earlier run left there); holding a committed
-  checkpoint no later than --steps for --resume (a mistyped --out must not silently start afresh,
-  and a run past --steps has nothing to do); holding nothing but what orbax wrote for --overwrite,
-  which deletes only that."""
-  directory = config.out_dir / "checkpoints"
-  for path in (config.out_dir, directory):
-    if path.exists() and not path.is_dir():
-      raise ValueError(f"--out: {path} exists and is not a directory")
-  entries = sorted(directory.iterdir()) if directory.exists() else []
-  if config.resume:
-    steps = committed_steps(directory)
-    if not steps:
-      raise ValueError(f"--resume: there is no checkpoint to resume from in {directory}")
-    if steps[0] > config.steps:
-      raise ValueError(f"--resume: the newest checkpoint in {directory} is at step {steps[0]}, "
-                       f"already past --steps {config.steps}")
-  elif config.overwrite:
-    foreign = [name for path in entries for name in not_written_by_orbax(path)]
-    if foreign:
-      raise ValueError(f"--overwrite deletes only checkpoints, and {directory} also holds "
-                       f"{_listing(foreign)}, which orbax did not write: move that away, or choose "
-                       "another --out")
-  elif entries:
-    raise ValueError(f"{directory} already holds {_listing([path.name for path in entries])}: "
-                     "pass --resume to continue that run, --overwrite to replace its checkpoints, "
-                     "or choose another --out")
-
-
-def run_flags(config: TrainConfig) -> dict[str, Any]:
-  """The flags a checkpoint records and a resume must repeat: those the model's and optimizer's
-  state depends on, and --seed, which also picks the batches that follow. Not the learning rate,
-  schedule, --steps, --batch-size or the mesh (but --mesh-data with --compressed-dp), which a
-  resumed run may change."""
-  flags = {"--optimizer": config.optimizer, "--seed": config.seed,
-           "--d-model": config.model.d_model, "--n-layers": config.model.n_layers,
-           "--n-heads": config.model.n_heads, "--mlp-hidden": config.model.mlp_hidden}
-  if config.optimizer in ("orth_dion", "dion"):  # the others have no rank, QR method or replicas
-    # --compressed-dp keeps a momentum per "data" replica: a state tree of its own, whose shapes
-    # depend on --mesh-data.
-    flags |= {"--rank-fraction": config.rank_fraction, "--orthogonalize": config.orthogonalize,
-              "--compressed-dp": config.compressed_dp}
-    if config.compressed_dp:
-      flags["--mesh-data"] = config.mesh_data
-  return flags
-
-
-def per_replica_value_and_grad(model: Transformer, inputs: jax.Array, targets: jax.Array,
-                               mesh: jax.sharding.Mesh) -> tuple[jax.Array, nnx.State]:
+def replica_loss_and_grads(model: Transformer, inputs: jax.Array, targets: jax.Array,
+                           mesh: jax.sharding.Mesh) -> tuple[jax.Array, nnx.State]:
   """The batch's mean loss and, for each replica of the "data" axis, the gradient of the loss on
   its share of the batch: leaves (replicas, *param.shape), for compressed data parallelism."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -272,10 +131,10 @@ def per_replica_value_and_grad(model: Transformer, inputs: jax.Array, targets: j
   return grad_fn(params, (inputs, targets))
 
 
-# The step functions take the model and optimizer as nnx.split's (graphdef, state) and jax.jit
-# them: nnx.merge then runs once per compilation instead of a graph traversal on every call,
-# which matters for models this small.
-@functools.partial(jax.jit, static_argnums=(0, 4))
+# The step functions take the model and optimizer as nnx.split's (graphdef, state) and run under
+# jax.jit: nnx.merge then runs once per compilation instead of a graph traversal on every call,
+# which matters for models this small. train() jits train_step and average_momenta_in_state with
+# out_shardings, the shardings of the state it starts from.
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array,
                replica_mesh: jax.sharding.Mesh | None = None
                ) -> tuple[nnx.State, jax.Array, dict[str, jax.Array]]:
@@ -285,15 +144,14 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targ
   if replica_mesh is None:
     loss, grads = nnx.value_and_grad(cross_entropy)(model, inputs, targets)
   else:
-    loss, grads = per_replica_value_and_grad(model, inputs, targets, replica_mesh)
+    loss, grads = replica_loss_and_grads(model, inputs, targets, replica_mesh)
   optimizer.update(model, grads)
   # nu = ||P Q^T||_op per matrix and the rest; an empty dict for Muon and AdamW.
   diagnostics = orth_dion_jax.diagnostics_summary(optimizer.opt_state)
   return nnx.state((model, optimizer)), loss, diagnostics
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def average_replica_momenta(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
+def average_momenta_in_state(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
   """The state with each per-replica momentum replaced by the replicas' mean: exact, and what a
   checkpoint should hold, so that a restart's replicas all start from the same momentum."""
   model, optimizer = nnx.merge(graphdef, state)
@@ -316,26 +174,6 @@ def validation_loss(graphdef: nnx.GraphDef, state: nnx.State,
   return float(np.mean(jax.device_get(losses)))
 
 
-class MetricsLog:
-  """metrics.jsonl: per-step records {"step", "loss", "lr", "tokens_per_s", nu...} and
-  validation records {"step", "val_loss"}. Resuming at step k drops the records after k."""
-
-  def __init__(self, path: pathlib.Path, resume_step: int | None):
-    self.path = path
-    self.records = []
-    if resume_step is not None and path.exists():
-      # A run killed while writing leaves its last line cut short: complete lines end in "}".
-      lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
-      self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-  def write(self, records: Sequence[dict]) -> None:
-    self.records.extend(records)
-    with self.path.open("a") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def _progress_bar(config: TrainConfig, initial: int):
   if not config.progress:
     return None
@@ -347,9 +185,8 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh,
           tx: optax.GradientTransformation | None = None) -> tuple[Transformer, nnx.Optimizer]:
   """The model, sharded over `mesh` as `partition_specs` says, and its optimizer.
 
-  `tx` replaces `make_optimizer(config, ...)`; if it is an `optax.inject_hyperparams` optimizer with
-  a "peak_lr" hyperparameter (compare.py's), that is set to `config.peak_lr`: runs that share
-  such a `tx` and differ only in learning rate or seed then share one compiled train step.
+  `tx` replaces `make_optimizer(config, ...)`: runs that share one `tx` and a model shape share
+  one compiled train step.
   """
   model = Transformer(config.model, rngs=nnx.Rngs(config.seed))
   weights = nnx.as_pure(nnx.state(model))
@@ -365,30 +202,7 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh,
   nnx.update(optimizer, jax.tree.map(
       lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
       nnx.as_pure(nnx.state(optimizer))))
-  hyperparams = getattr(optimizer.opt_state, "hyperparams", {})
-  if "peak_lr" in hyperparams:
-    hyperparams["peak_lr"][...] = config.peak_lr
   return model, optimizer
-
-
-def open_checkpoints(config: TrainConfig, model: Transformer,
-                     optimizer: nnx.Optimizer) -> tuple[Checkpointer | None, int]:
-  """(checkpointer or None, the step to continue from), restoring in place with --resume.
-
-  With --overwrite, first deletes the earlier run's step directories, and only those: anything
-  else in the directory is left alone (check_run_directory refuses to start over it).
-  """
-  directory = config.out_dir / "checkpoints"
-  if config.overwrite and directory.exists():
-    for path in directory.iterdir():
-      if is_step_directory(path):
-        shutil.rmtree(path)
-  if not config.checkpoint_every:
-    return None, 0
-  checkpointer = Checkpointer(directory)
-  restored = (checkpointer.restore_latest(model, optimizer, flags=run_flags(config))
-              if config.resume else None)
-  return checkpointer, restored or 0
 
 
 def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = None,
@@ -419,6 +233,13 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
 
   replica_mesh = mesh if config.compressed_dp else None
   graphdef, state = nnx.split((model, optimizer))
+  # The steps return the state on the shardings it starts on. Left to choose, jit returns some
+  # leaves on others, in name (P("fsdp") for the right factors' P("fsdp", None)) or in fact (with
+  # --compressed-dp, the replicated norm scales split over "fsdp"): the next call, given other
+  # shardings than the first, would compile again, and so would eval_loss.
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  take_step = jax.jit(train_step, static_argnums=(0, 4), out_shardings=(shardings, None, None))
+  average_momenta = jax.jit(average_momenta_in_state, static_argnums=0, out_shardings=shardings)
   log = MetricsLog(config.out_dir / "metrics.jsonl", resume_step=start if config.resume else None)
   val_loss = math.nan  # the latest validation loss, for the progress bar
   if start == 0:
@@ -429,7 +250,7 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
   window_start, window_tokens = time.perf_counter(), 0
   for step in range(start + 1, config.steps + 1):
     inputs, targets = jax.device_put(next(batches), sharding)
-    state, loss, diagnostics = train_step(graphdef, state, inputs, targets, replica_mesh)
+    state, loss, diagnostics = take_step(graphdef, state, inputs, targets, replica_mesh)
     pending.append((step, loss, diagnostics))
     window_tokens += inputs.size
     if step == start + 1:  # leave compilation out of the throughput
@@ -456,7 +277,7 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
       pending, window_start, window_tokens = [], time.perf_counter(), 0
     if checkpoint:
       if config.compressed_dp:
-        state = average_replica_momenta(graphdef, state)
+        state = average_momenta(graphdef, state)
       nnx.update((model, optimizer), state)
       checkpointer.save(step, model, optimizer, data_position=batches.position,
                         flags=run_flags(config))
@@ -466,158 +287,6 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
     checkpointer.close()
   nnx.update((model, optimizer), state)
   return log.records
-
-
-def plot_losses(curves: dict[str, list[dict]], path: pathlib.Path, title: str = "",
-                unigram_entropy: float | None = None) -> None:
-  """Training loss (moving average) as lines and validation loss as markers, one colour a run;
-  a dotted line at the unigram entropy, the loss of a model that ignores context."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for (name, records), color in zip(curves.items(), colors * (1 + len(curves) // len(colors))):
-    train_records = [r for r in records if "loss" in r]
-    val_records = [r for r in records if "val_loss" in r]
-    losses = np.array([r["loss"] for r in train_records])
-    window = max(1, len(losses) // 30)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax.plot([r["step"] for r in train_records][window - 1:], smooth, color=color, lw=1.2,
-            label=f"{name} (train)")
-    ax.plot([r["step"] for r in val_records], [r["val_loss"] for r in val_records], "o--",
-            color=color, ms=3.5, lw=0.8, label=f"{name} (val)")
-  if unigram_entropy is not None:
-    ax.axhline(unigram_entropy, color="gray", ls=":", label="unigram entropy")
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats / byte)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-  """An argparse type: an integer of at least `minimum` (and at most `maximum`, if given)."""
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-      bounds = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-      raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
-    return value
-  return parse
-
-
-def _number(low: float, high: float = math.inf, *, low_included: bool) -> Callable[[str], float]:
-  """An argparse type: a finite number between low and high (high included when finite)."""
-  def parse(text: str) -> float:
-    try:
-      value = float(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    above_low = value >= low if low_included else value > low
-    if not (math.isfinite(value) and above_low and value <= high):
-      interval = f"{'[' if low_included else '('}{low:g}, {high:g}{']' if high < math.inf else ')'}"
-      raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
-    return value
-  return parse
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-  """An ArgumentParser whose errors are one line, exit status 2: the usage summary argparse prints
-  first runs to a dozen lines for these flags and buries the message (--help has it)."""
-
-  def error(self, message: str) -> NoReturn:
-    self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def argument_parser() -> argparse.ArgumentParser:
-  """The command line's flags, each checked as it is parsed: a value out of range is an error
-  naming the flag, not a failure later in the run."""
-  defaults = TrainConfig()
-  positive, non_negative = _integer(1), _integer(0)
-  parser = _ArgumentParser(prog="python -m examples.train", description=__doc__.split("\n\n")[0])
-  add = parser.add_argument
-  add("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-  add("--lr", type=_number(0, low_included=False), default=None,
-      help=f"peak learning rate (default per optimizer: {DEFAULT_LEARNING_RATES})")
-  add("--rank-fraction", type=_number(0, 1, low_included=False), default=defaults.rank_fraction,
-      help="Dion / Orth-Dion rank as a fraction of min(fan_in, fan_out), in (0, 1]")
-  add("--orthogonalize", choices=("cholesky_qr", "householder", "randomized_cholesky_qr"),
-      default=None, help="Dion / Orth-Dion QR method (default: the library's)")
-  add("--schedule", choices=SCHEDULES, default=defaults.schedule)
-  add("--warmup-steps", type=non_negative, default=None, help="default: 5%% of --steps")
-  add("--weight-decay", type=_number(0, low_included=True), default=defaults.weight_decay,
-      help="decoupled weight decay of the hidden matrices")
-  add("--d-model", type=positive, default=defaults.model.d_model)
-  add("--n-layers", type=positive, default=defaults.model.n_layers)
-  add("--n-heads", type=positive, default=defaults.model.n_heads,
-      help="must divide --d-model into an even head dimension")
-  add("--mlp-hidden", type=positive, default=None, help="default: 3 * d_model")
-  add("--steps", type=positive, default=defaults.steps)
-  add("--batch-size", type=positive, default=defaults.batch_size)
-  add("--seq-len", type=positive, default=defaults.seq_len)
-  # jax.random.key takes a 32-bit seed.
-  add("--seed", type=_integer(0, 2**32 - 1), default=defaults.seed)
-  add("--data", default=None,
-      help="a text file or a directory of them (default: the Python standard library's sources); "
-           "in a directory, symlinked directories are not followed, symlinked files are read "
-           "only if they lead to a regular file inside it, and FIFOs, sockets, devices and "
-           "symlink loops are skipped")
-  add("--max-bytes", type=positive, default=defaults.max_bytes,
-      help="corpus size cap: no more than this is read from the files")
-  add("--eval-every", type=positive, default=defaults.eval_every)
-  add("--eval-tokens", type=positive, default=defaults.eval_tokens)
-  add("--log-every", type=positive, default=defaults.log_every)
-  add("--mesh-data", type=positive, default=1)
-  add("--mesh-fsdp", type=positive, default=1)
-  add("--mesh-tensor", type=positive, default=1)
-  add("--compressed-dp", action="store_true",
-      help="Orth-Dion / Dion: keep gradients and momenta per data-parallel replica and average "
-           "only the low-rank factors")
-  add("--out", default=None, help="run directory (default: runs/<optimizer>)")
-  add("--checkpoint-every", type=non_negative, default=defaults.checkpoint_every,
-      help="0: never")
-  continuation = parser.add_mutually_exclusive_group()
-  continuation.add_argument(
-      "--resume", action="store_true",
-      help="continue from the newest intact checkpoint in --out (an error if there is none, if "
-           "it is past --steps, or if it was written with another --optimizer, --seed, "
-           "--rank-fraction, --orthogonalize, --compressed-dp or model shape)")
-  continuation.add_argument(
-      "--overwrite", action="store_true",
-      help="start afresh although --out holds an earlier run's checkpoints, deleting them; "
-           "refused if its checkpoints/ holds anything else")
-  add("--no-progress", dest="progress", action="store_false")
-  return parser
-
-
-def parse_args(argv: Sequence[str] | None = None,
-               parser: argparse.ArgumentParser | None = None) -> TrainConfig:
-  """The TrainConfig of the command line `argv`; any problem with its flags, alone or together,
-  exits through `parser.error` (default: argument_parser()'s)."""
-  parser = parser or argument_parser()
-  args = vars(parser.parse_args(argv))
-  d_model = args.pop("d_model")
-  try:
-    model = ModelConfig(d_model=d_model, n_layers=args.pop("n_layers"),
-                        n_heads=args.pop("n_heads"),
-                        mlp_hidden=args.pop("mlp_hidden") or 3 * d_model)
-  except ValueError as error:
-    parser.error(f"--d-model / --n-heads: {error}")
-  config = TrainConfig(model=model, **args)
-  try:
-    check_config(config)
-  except ValueError as error:
-    parser.error(str(error))
-  return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -16,6 +16,8 @@ import pytest
 from examples import train as train_lib
 from examples.checkpointing import (CheckpointMismatchError, NoIntactCheckpointError,
                                     committed_steps)
+from examples.config import TrainConfig, parse_args, run_flags
+from examples.run_directory import open_checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Checkpoints at steps 2 and 4.
@@ -25,8 +27,8 @@ RUN = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32"
 DAMAGE = ["flipped bytes", "truncated file", "deleted file", "unreadable metadata", "cut manifest"]
 
 
-def _config(out: pathlib.Path, *flags: str) -> train_lib.TrainConfig:
-  return train_lib.parse_args([*RUN, "--out", str(out), *flags])
+def _config(out: pathlib.Path, *flags: str) -> TrainConfig:
+  return parse_args([*RUN, "--out", str(out), *flags])
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +78,10 @@ def _damage(step_directory: pathlib.Path, how: str) -> None:
     raise ValueError(how)
 
 
-def _open(config: train_lib.TrainConfig, tx=None) -> int:
+def _open(config: TrainConfig, tx=None) -> int:
   """Opens the run's checkpoints as train() does; the step it continues from."""
   model, optimizer = train_lib.build(config, train_lib.make_mesh(config), tx)
-  checkpointer, start = train_lib.open_checkpoints(config, model, optimizer)
+  checkpointer, start = open_checkpoints(config, model, optimizer)
   checkpointer.close()
   return start
 
@@ -204,11 +206,11 @@ def test_the_command_refuses_a_checkpoint_for_other_flags(run, capsys, flags, li
 def test_compressed_data_parallelism_records_its_replicas():
   # Its state holds a momentum per "data" replica, shaped by --mesh-data: a resume on another
   # count, or without --compressed-dp, is refused by name rather than by a list of arrays.
-  flags = train_lib.run_flags(train_lib.parse_args(
+  flags = run_flags(parse_args(
       [*RUN, "--out", "unused", "--compressed-dp", "--mesh-data", "2"]))
   assert flags["--compressed-dp"] is True and flags["--mesh-data"] == 2
-  plain = train_lib.run_flags(train_lib.parse_args([*RUN, "--out", "unused", "--mesh-data", "2"]))
+  plain = run_flags(parse_args([*RUN, "--out", "unused", "--mesh-data", "2"]))
   assert plain["--compressed-dp"] is False and "--mesh-data" not in plain
   # AdamW has no rank, QR method or replicas to record.
-  assert "--rank-fraction" not in train_lib.run_flags(train_lib.parse_args(
+  assert "--rank-fraction" not in run_flags(parse_args(
       [*RUN, "--out", "unused", "--optimizer", "adamw"]))

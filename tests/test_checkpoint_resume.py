@@ -17,6 +17,7 @@ from flax import nnx
 
 from examples import train as train_lib
 from examples.checkpointing import CheckpointMismatchError, Checkpointer
+from examples.config import TrainConfig
 from examples.model import ModelConfig
 
 TINY_MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=96)
@@ -83,19 +84,20 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_losses(tmp_path):
   assert _without_timing(resumed) == _without_timing(reference)
 
 
-def _tiny_config(tmp_path, **overrides) -> train_lib.TrainConfig:
+def _tiny_config(tmp_path, **overrides) -> TrainConfig:
   defaults = dict(optimizer="dion", model=TINY_MODEL, seq_len=16, batch_size=8,
                   steps=3, out=str(tmp_path), checkpoint_every=0,
                   progress=False)
-  return train_lib.TrainConfig(**{**defaults, **overrides})
+  return TrainConfig(**{**defaults, **overrides})
 
 
 def _take_steps(model, optimizer, config, n: int) -> None:
   rng = np.random.default_rng(0)
   graphdef, state = nnx.split((model, optimizer))
+  step = jax.jit(train_lib.train_step, static_argnums=0)
   for _ in range(n):
     tokens = rng.integers(0, 256, size=(config.batch_size, config.seq_len + 1), dtype=np.int32)
-    state, _, _ = train_lib.train_step(graphdef, state, tokens[:, :-1], tokens[:, 1:])
+    state, _, _ = step(graphdef, state, tokens[:, :-1], tokens[:, 1:])
   nnx.update((model, optimizer), state)
 
 

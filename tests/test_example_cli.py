@@ -18,6 +18,7 @@ import pytest
 from examples import data as data_lib
 from examples import train as train_lib
 from examples.checkpointing import committed_steps, is_step_directory, not_written_by_orbax
+from examples.config import parse_args
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROG = "python -m examples.train: error: "
@@ -112,7 +113,7 @@ def test_the_command_exits_with_status_2_without_a_traceback(tmp_path, flags, fl
 
 def test_help_says_which_files_of_data_are_read(capsys):
   with pytest.raises(SystemExit) as exit_:
-    train_lib.parse_args(["--help"])
+    parse_args(["--help"])
   assert exit_.value.code == 0
   assert "symlinked files are read only if they lead to a regular file inside" in (
       " ".join(capsys.readouterr().out.split()))
@@ -128,14 +129,14 @@ def _snapshot(directory: pathlib.Path) -> dict[str, str]:
 def tx():
   """One optimizer for the runs below: jit keys the compiled train step on it, so the runs share
   one compilation instead of taking some ten seconds each."""
-  return train_lib.make_optimizer(train_lib.parse_args(TINY))
+  return train_lib.make_optimizer(parse_args(TINY))
 
 
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory, tx) -> pathlib.Path:
   """A finished run with checkpoints at steps 2 and 4."""
   out = tmp_path_factory.mktemp("earlier") / "run"
-  train_lib.train(train_lib.parse_args([*TINY, "--checkpoint-every", "2", "--out", str(out)]),
+  train_lib.train(parse_args([*TINY, "--checkpoint-every", "2", "--out", str(out)]),
                   tx=tx)
   assert committed_steps(out / "checkpoints") == [4, 2]
   return out
@@ -210,7 +211,7 @@ def test_resume_past_steps_is_an_error(run_dir):
 
 def test_overwrite_replaces_only_the_checkpoints(run_dir, tx):
   (run_dir / "mine.txt").write_text("mine")
-  records = train_lib.train(train_lib.parse_args(
+  records = train_lib.train(parse_args(
       [*TINY, "--checkpoint-every", "3", "--overwrite", "--out", str(run_dir)]), tx=tx)
   # Step 2 of the earlier run is gone; 3 and 4 are this run's.
   assert committed_steps(run_dir / "checkpoints") == [4, 3]

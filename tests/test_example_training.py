@@ -1,14 +1,18 @@
 """The Flax example trains: validation loss falls below the corpus's unigram entropy, every
-optimizer choice runs, and the data-parallel mesh computes what one device computes."""
+optimizer choice runs, the data-parallel mesh computes what one device computes, and a run
+compiles its train step once."""
 
+import collections
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from examples import compare
 from examples import data as data_lib
 from examples import train as train_lib
+from examples.config import parse_args
 
 TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32",
         "--batch-size", "8", "--max-bytes", "300000", "--eval-tokens", "4096", "--no-progress"]
@@ -36,7 +40,7 @@ def test_main_lowers_validation_loss_below_unigram_entropy(tmp_path, capsys):
 
 @pytest.mark.parametrize("optimizer", ["dion", "muon", "adamw"])
 def test_every_optimizer_lowers_the_loss(tmp_path, optimizer):
-  config = train_lib.parse_args(["--optimizer", optimizer, "--steps", "20", "--eval-every", "20",
+  config = parse_args(["--optimizer", optimizer, "--steps", "20", "--eval-every", "20",
                                  "--checkpoint-every", "0", "--out", str(tmp_path), *TINY])
   val = _losses(train_lib.train(config), "val_loss")
   assert val[-1] < val[0] - 1.0
@@ -44,7 +48,7 @@ def test_every_optimizer_lowers_the_loss(tmp_path, optimizer):
 
 def _train(out, *flags, steps=8):
   # A constant learning rate: a shorter run's steps are the first steps of a longer one.
-  config = train_lib.parse_args(["--steps", str(steps), "--eval-every", str(steps),
+  config = parse_args(["--steps", str(steps), "--eval-every", str(steps),
                                  "--schedule", "constant", "--warmup-steps", "1",
                                  "--checkpoint-every", "0", "--out", str(out), *flags, *TINY])
   return _losses(train_lib.train(config), "loss")
@@ -73,6 +77,37 @@ def test_compressed_data_parallel_matches_one_device_and_resumes(tmp_path, one_d
   (tmp_path / "checkpoints" / "4").rename(tmp_path / "step_4")
   resumed = _train(tmp_path, *flags, "--resume", steps=4)
   np.testing.assert_allclose(resumed, compressed, rtol=1e-5)
+
+
+# (flags, the jitted functions the run calls): a sharded run, and one with compressed data
+# parallelism, whose checkpoint at step 2 averages the momenta over the replicas between steps.
+# There jit had returned the replicated norm scales, and their moments, split over "fsdp": the
+# second step and the last validation compiled again.
+MESHES = [(["--mesh-data", "2", "--mesh-fsdp", "2", "--mesh-tensor", "2"],
+           ["train_step", "eval_loss"]),
+          (["--mesh-data", "2", "--mesh-fsdp", "2", "--mesh-tensor", "2", "--compressed-dp",
+            "--checkpoint-every", "2"], ["train_step", "eval_loss", "average_momenta_in_state"])]
+
+
+@pytest.mark.parametrize("flags, functions", MESHES, ids=["sharded", "compressed_dp"])
+def test_a_run_on_a_mesh_compiles_each_step_once(tmp_path, flags, functions):
+  # jit compiles anew for arguments on other shardings than it compiled for: the state a step
+  # returns must come back on the shardings it went in on.
+  compiles = collections.Counter()
+
+  def count(event, duration, fun_name="", **kwargs):
+    del duration, kwargs
+    # What jax_log_compiles reports as "Compiling <fun_name>": a program built for a cache miss.
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      compiles[fun_name] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    _train(tmp_path, *flags, steps=3)  # a fresh optimizer: nothing compiled before
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert {name: compiles[f"jit({name})"] for name in functions} == dict.fromkeys(functions, 1), (
+      compiles)
 
 
 def test_batches_resume_from_their_position():
