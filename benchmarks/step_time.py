@@ -15,8 +15,9 @@ and repeated in each rank block. All candidates of one d take turns call by
 call (``workload.time_round_robin``), so the ratios hold on a noisy machine;
 ``spread`` is (max - min) / median of a candidate's runs.
 
-On CPU the low-rank updates also depend on ``OPENBLAS_NUM_THREADS`` (see
-``workload.device_description``; the header line records it).
+On CPU the low-rank updates depend on the BLAS threads of jaxlib's LAPACK
+calls, which the package limits to one unless a thread variable says otherwise
+(``orth_dion_jax/blas_threads.py``); the header line records the variables.
 
     python -m benchmarks.step_time                      # the full table
     python -m benchmarks.step_time --quick              # a smoke run

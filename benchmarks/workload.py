@@ -233,14 +233,16 @@ def device_description() -> str:
   On CPU, XLA runs the matmuls on its own threads while LAPACK calls (the
   Cholesky and triangular solves of the QR) go to OpenBLAS, whose threads
   keep spinning after each call; how many there are changes the low-rank
-  updates' time a lot, so it is part of the result.
+  updates' time a lot, so the variables that set it are part of the result
+  (unset: the package's own limit of one thread, ``blas_threads``).
   """
   devices = jax.devices()
   text = (f"{jax.default_backend()}: {len(devices)} x "
           f"{devices[0].device_kind}, jax {jax.__version__}")
   if jax.default_backend() == "cpu":
-    threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
-    text += f", {os.cpu_count()} cores, OPENBLAS_NUM_THREADS={threads}"
+    text += f", {os.cpu_count()} cores"
+    for variable in ("OPENBLAS_NUM_THREADS", "ORTH_DION_BLAS_THREADS"):
+      text += f", {variable}={os.environ.get(variable, 'unset')}"
   return text
 
 
