@@ -15,6 +15,7 @@ factor, which each fixes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import optax
@@ -57,7 +58,11 @@ def _low_rank_and_adamw(fn, learning_rate, kwargs: dict[str, Any], *,
       {routing.LOW_RANK: low_rank_chain, routing.ADAM: adam_chain},
       routing.labels_fn(axes.weight_dimension_numbers, other.param_labels,
                         axes.layer_axes),
-      params_required=placement.data_axis is not None)
+      params_required=placement.data_axis is not None,
+      warn_at_init=(functools.partial(routing.warn_unrouted_weights,
+                                      layer_axes=axes.layer_axes)
+                    if axes.weight_dimension_numbers is None
+                    and other.param_labels is None else None))
 
 
 @settings.accepts(*_GROUPS, omit=("right_factor",))

@@ -101,7 +101,7 @@ def _finish(
     nonfinite_count: Array,
     *,
     decays: tuple[Array, Array] | None,
-    grad_dtype,
+    update_dtype,
     collectives: Collectives,
 ) -> MatrixStep:
   """Update, error feedback and new state of one leaf from its factors.
@@ -136,7 +136,7 @@ def _finish(
   # weight-sized array is copied to mask it. After B is formed nothing refers
   # to the old momentum, so B's buffer can become the new momentum in place.
   update = jnp.where(step, view.scale * factors.moved * low_rank.outer(
-      factors.left, factors.right, view.small_axis), 0.0).astype(grad_dtype)
+      factors.left, factors.right, view.small_axis), 0.0).astype(update_dtype)
   new_q = jnp.where(step, factors.right, q)
   if decays is None:
     new_m = None
@@ -164,13 +164,15 @@ def _finish(
 
 def step_matrices(compressor: LowRankCompressor,
                   views: Sequence[matrix_view.MatrixView],
+                  update_dtypes: Sequence[Any],
                   collectives: Sequence[Collectives],
                   inputs: StepInputs) -> list[MatrixStep]:
   """One step of every matrix, on whole arrays or on one device's blocks.
 
   ``views`` describe the whole weights; each is localized to the block it is
   given (the identity on one device), and ``collectives`` complete the sums
-  across blocks and replicas.
+  across blocks and replicas. Each update comes out in its
+  ``update_dtypes`` entry (the parameter's dtype, as optax's updates do).
   """
   # A schedule value that is not finite skips every matrix's step.
   schedules_finite = functools.reduce(jnp.logical_and, [
@@ -190,9 +192,9 @@ def step_matrices(compressor: LowRankCompressor,
       config=compressor.step_config, eps=inputs.eps, key=step_key)
   results = [
       _finish(p, f, q, q_finite, skips, decays=inputs.decays,
-              grad_dtype=g.dtype, collectives=c)
-      for p, f, q, q_finite, skips, g, c in zip(
+              update_dtype=dtype, collectives=c)
+      for p, f, q, q_finite, skips, dtype, c in zip(
           prepared, factors, qs, qs_finite, inputs.nonfinite_counts,
-          inputs.grads, collectives)]
+          update_dtypes, collectives)]
   return [r._replace(right_factor=r.right_factor.reshape(old.shape))
           for r, old in zip(results, inputs.right_factors)]

@@ -68,7 +68,13 @@ def default_dimension_numbers(ndim: int, layer_axes: int
 
 
 def _as_axes(axes: Axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
-  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if isinstance(axes, (int, np.integer)):
+    axes = (axes,)
+  elif isinstance(axes, (tuple, list)):
+    axes = tuple(axes)
+  else:
+    raise ValueError(f"{path}: {what} must be an int or a tuple of ints, got "
+                     f"{axes!r}.")
   if not axes:
     raise ValueError(f"{path}: {what} is empty; a matrix needs at least one.")
   out = []

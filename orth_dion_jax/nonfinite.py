@@ -36,7 +36,7 @@ def _all_finite(tree) -> Array:
   return functools.reduce(
       jnp.logical_and,
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-       if jnp.issubdtype(x.dtype, jnp.inexact)],
+       if jnp.issubdtype(jnp.result_type(x), jnp.inexact)],
       jnp.array(True))
 
 

@@ -35,12 +35,13 @@ Array = jax.Array
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
 
 
-def _auto_mesh_error(path: str, mesh: Mesh) -> ValueError:
+def _auto_mesh_error(path: str, mesh: Mesh, mesh_given: bool) -> ValueError:
+  missing = "param_specs=" if mesh_given else "mesh= and param_specs="
   return ValueError(
       f"{path}: the parameters are sharded over a mesh with Auto axes "
-      f"{tuple(mesh.axis_names)}; under jit such a mesh does not record how "
-      "a parameter is sharded, so the optimizer cannot follow it. Pass "
-      "mesh= and param_specs= (a tree of PartitionSpec like the parameters, "
+      f"{tuple(mesh.axis_names)}, which under jit (where update runs) does "
+      "not record how a parameter is sharded, so the optimizer cannot follow "
+      f"it. Pass {missing} (a tree of PartitionSpec like the parameters, "
       "e.g. nnx.get_partition_spec(state)), or make the mesh with Explicit "
       "axes (the jax.make_mesh default).")
 
@@ -77,7 +78,7 @@ def resolve_mesh(placement: Placement, leaves: Sequence[tuple[str, Any]]
     if mesh is None:
       continue
     if sharding.has_auto_axes(mesh):
-      raise _auto_mesh_error(path, mesh)
+      raise _auto_mesh_error(path, mesh, mesh_given=False)
     if found is not None and mesh.abstract_mesh != found[1].abstract_mesh:
       raise ValueError(
           f"{path}: it is sharded over the mesh {mesh.abstract_mesh}, but "
@@ -92,13 +93,14 @@ def _spec_of(x: PartitionSpec | NamedSharding | None) -> PartitionSpec | None:
 
 
 def _carried_spec(x: Any, path: str, mesh: Mesh,
-                  leading_replica_axis: bool) -> PartitionSpec:
-  """The ``PartitionSpec`` ``x`` carries (its type's or its array's)."""
+                  leading_replica_axis: bool) -> PartitionSpec | None:
+  """The ``PartitionSpec`` ``x`` carries (its type's or its array's), or
+  None where it does not tell: under jit on a mesh with Auto axes, and for
+  an array without a ``NamedSharding`` (on one device: replicated)."""
   spec = None
   if isinstance(x, jax.core.Tracer):
-    if sharding.has_auto_axes(mesh):
-      raise _auto_mesh_error(path, mesh)
-    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    if not sharding.has_auto_axes(mesh):
+      spec = getattr(jax.typeof(x).sharding, "spec", PartitionSpec())
   else:
     carried = getattr(x, "sharding", None)
     if isinstance(carried, NamedSharding):
@@ -106,8 +108,7 @@ def _carried_spec(x: Any, path: str, mesh: Mesh,
     elif carried is not None and not carried.is_fully_replicated:
       raise ValueError(f"{path}: its sharding {carried} is not a "
                        "NamedSharding; pass param_specs.")
-  spec = PartitionSpec() if spec is None else spec
-  if leading_replica_axis:
+  if spec is not None and leading_replica_axis:
     spec = PartitionSpec(*tuple(spec)[1:])
   return spec
 
@@ -116,8 +117,13 @@ def leaf_plans(placement: Placement, mesh: Mesh, leaves: Sequence[tuple[str, Any
           views: Sequence[Any], tree: Any, per_replica: bool
           ) -> list[sharding.LeafPlan]:
   """Each leaf's plan; its spec from ``param_specs`` or from the array."""
+  carried = [_carried_spec(x, path, mesh, per_replica) for path, x in leaves]
   if placement.param_specs is None:
-    specs = [_carried_spec(x, path, mesh, per_replica) for path, x in leaves]
+    specs = []
+    for (path, x), spec in zip(leaves, carried):
+      if spec is None and isinstance(x, jax.core.Tracer):
+        raise _auto_mesh_error(path, mesh, mesh_given=True)
+      specs.append(PartitionSpec() if spec is None else spec)
   else:
     given = nnx_interop.unboxed(
         placement.param_specs(tree) if callable(placement.param_specs)
@@ -133,8 +139,31 @@ def leaf_plans(placement: Placement, mesh: Mesh, leaves: Sequence[tuple[str, Any
       if path not in by_path:
         raise ValueError(f"{path}: param_specs has no entry for it.")
       specs.append(by_path[path])
-  return [sharding.leaf_plan(v, s, mesh, placement.data_axis)
-          for v, s in zip(views, specs)]
+  plans = [sharding.leaf_plan(v, s, mesh, placement.data_axis)
+           for v, s in zip(views, specs)]
+  if placement.param_specs is not None:
+    for (path, x), given, spec in zip(leaves, specs, carried):
+      _check_given_spec(path, jnp.ndim(x) - per_replica, given, spec)
+  return plans
+
+
+def _check_given_spec(path: str, ndim: int, given: PartitionSpec | None,
+                      carried: PartitionSpec | None) -> None:
+  """A spec in ``param_specs`` agrees with the array's own, where it has one.
+
+  A wrong spec gives correct numbers but replicates the state or gathers
+  whole weights every step (several times the bytes): refuse it while the
+  array can still tell.
+  """
+  if carried is None:
+    return
+  normalize = lambda s: sharding.normalized_spec(s, ndim, path)
+  if normalize(given) != normalize(carried):
+    raise ValueError(
+        f"{path}: param_specs gives it {given}, but the array is sharded as "
+        f"{carried}. Give the spec the parameter has (for NNX, "
+        "nnx.get_partition_spec reads the partitioning metadata, not where "
+        "jax.device_put put an array).")
 
 
 def place(x: Array, mesh: Mesh, spec: PartitionSpec) -> Array:

@@ -11,7 +11,8 @@ Orth-Dion is for the linear maps between hidden spaces. By default
 * a norm or a bias: ``norm`` anywhere in the name, names starting with
   ``ln`` (``ln_1``, ``ln_f``), ``scale`` or ``bias``.
 
-Every other leaf is ``"adam"``. ``weight_dimension_numbers`` (None for
+Every other leaf is ``"adam"``, and so is every leaf that is not a real
+floating-point array. ``weight_dimension_numbers`` (None for
 AdamW) or ``param_labels`` decide otherwise; ``routing_summary`` shows the
 result, leaf by leaf. Labels are read from the parameters, never from the
 gradients, so a gradient of the wrong shape reaches its own
@@ -71,36 +72,46 @@ def default_param_labels(params: Any, layer_axes: int = 0) -> Any:
     {'bias': 'adam', 'dense': 'low_rank', 'embed': 'adam'}
   """
   def label(path, x):
-    is_matrix = matrix_view.default_dimension_numbers(
+    is_matrix = (matrix_view.default_dimension_numbers(
         jnp.ndim(x), layer_axes) is not None
+                 and jnp.issubdtype(jnp.result_type(x), jnp.floating))
     return LOW_RANK if is_matrix and not _named_for_adam(path) else ADAM
   return jax.tree_util.tree_map_with_path(label, nnx_interop.unboxed(params))
 
 
-def _warn_unrouted_weights(params: Any, labels: Any) -> None:
-  """Warns about N-D leaves the default routing sends to AdamW.
+def warn_unrouted_weights(params: Any, labels: Any, layer_axes: int) -> None:
+  """Warns, once per ``init``, about N-D leaves the default sends to AdamW.
 
-  They may be weights that need ``layer_axes`` or dimension numbers (a
-  scanned model's kernels): a silent AdamW would train them, just not with
-  Orth-Dion.
+  They may be weights that need dimension numbers (an attention kernel
+  ``(d, heads, head_dim)``) or ``layer_axes`` (a scanned model's kernels): a
+  silent AdamW would train them, just not with Orth-Dion.
   """
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   missed = [(jax.tree_util.keystr(p), jnp.shape(x))
             for (p, x), label in zip(flat, jax.tree.leaves(labels))
-            if label == ADAM and jnp.ndim(x) > 2 and not _named_for_adam(p)]
-  if missed:
-    warnings.warn(
-        f"orth_dion_jax: {len(missed)} leaves with more than 2 axes go to "
-        f"AdamW by default, e.g. {missed[0][0]} of shape {missed[0][1]}. For "
-        "layers stacked by nnx.scan / nnx.vmap pass layer_axes=1; for other "
-        "N-D weights pass weight_dimension_numbers; routing_summary(params) "
-        "shows where each leaf goes.", stacklevel=4)
+            if label == ADAM and jnp.ndim(x) > 2 and not _named_for_adam(p)
+            and jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  if not missed:
+    return
+  stacked = ("; if their leading axis stacks layers (nnx.scan / nnx.vmap), "
+             "pass layer_axes=1" if layer_axes == 0 and any(
+                 len(shape) == 3 for _, shape in missed) else "")
+  warnings.warn(
+      f"orth_dion_jax: {len(missed)} leaves with more than 2 axes go to AdamW "
+      f"by default, e.g. {missed[0][0]} of shape {missed[0][1]}. To give them "
+      "the low-rank step, pass weight_dimension_numbers with their fan-in and "
+      f"fan-out axes (README: attention kernels, convolutions){stacked}; "
+      "routing_summary(params) shows where each leaf goes.", stacklevel=5)
 
 
 def labels_fn(weight_dimension_numbers: Any, param_labels: Any,
               layer_axes: int) -> Callable[[Any], Any]:
   """The function from bare parameters to their labels."""
   if param_labels is not None:
+    if weight_dimension_numbers is not None:
+      raise TypeError(
+          "Pass param_labels or weight_dimension_numbers, not both: a None "
+          "entry of weight_dimension_numbers already sends its leaf to AdamW.")
     return param_labels if callable(param_labels) else (lambda _: param_labels)
   if weight_dimension_numbers is not None:
     def from_dimension_numbers(params):
@@ -108,12 +119,7 @@ def labels_fn(weight_dimension_numbers: Any, param_labels: Any,
           ADAM if d is None else LOW_RANK for d in tree_views.dimension_numbers(
               params, weight_dimension_numbers, layer_axes)])
     return from_dimension_numbers
-
-  def by_default(params):
-    labels = default_param_labels(params, layer_axes)
-    _warn_unrouted_weights(params, labels)
-    return labels
-  return by_default
+  return lambda params: default_param_labels(params, layer_axes)
 
 
 def _check_gradient_shapes(updates, params, *, replica_axis: bool) -> None:
@@ -138,7 +144,7 @@ def _check_gradient_shapes(updates, params, *, replica_axis: bool) -> None:
 
 
 def partition_by_params(transforms: dict, labels_of_params: Callable, *,
-                        params_required: bool
+                        params_required: bool, warn_at_init: Callable | None
                         ) -> optax.GradientTransformationExtraArgs:
   """``optax.partition`` whose labels are read from the parameters.
 
@@ -147,12 +153,16 @@ def partition_by_params(transforms: dict, labels_of_params: Callable, *,
   parameter and fail in the other group, far from its cause. With
   compressed data parallelism (``params_required``) the gradients carry a
   leading replica axis, so labels can only come from ``params``.
+  ``warn_at_init(params, labels)`` runs once, in ``init``.
   """
   # Labels read off bare arrays are a prefix of the tree whether or not its
   # leaves are in nnx Variable boxes (nnx.Optimizer boxes them for init, not
   # for update), so init and update mask the same subtrees.
   def labels_of(tree):
     labels = labels_of_params(nnx_interop.unboxed(tree))
+    # Labels may be a prefix of the tree: each applies to its subtree.
+    tree_views.prefix_map(lambda *_: None, labels, nnx_interop.unboxed(tree),
+                          "param_labels", None)
     for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]:
       if label not in transforms:
         raise ValueError(
@@ -161,7 +171,10 @@ def partition_by_params(transforms: dict, labels_of_params: Callable, *,
     return labels
 
   def init_fn(params):
-    return optax.partition(transforms, labels_of(params)).init(params)
+    labels = labels_of(params)
+    if warn_at_init is not None:
+      warn_at_init(nnx_interop.unboxed(params), labels)
+    return optax.partition(transforms, labels).init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None and params_required:

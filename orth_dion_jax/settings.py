@@ -54,7 +54,9 @@ class LowRankCompressor:
       0.25, "r = ceil(rank_fraction * min(fan_in, fan_out)).")
   rank: int | None = _setting(
       None, "explicit rank; overrides rank_fraction (clipped per matrix).")
-  rank_multiple_of: int = _setting(1, "r is rounded up to a multiple of this.")
+  rank_multiple_of: int = _setting(
+      1, "the r from rank_fraction is rounded up to a multiple of this (an "
+      "explicit rank is used as given).")
   right_factor: low_rank.RightFactor = _setting(
       "qr", '"qr" (Orth-Dion: sign-safe QR) or "column" (Dion: column '
       "normalization).")
@@ -129,12 +131,18 @@ class MatrixAxes:
   layer_axes: int = _setting(
       0, "leading axes that stack layers (nnx.scan / nnx.vmap models): a "
       "leaf with 2 + layer_axes axes is a stack of (fan_in, fan_out) "
-      "matrices, each with its own factors.")
+      "matrices, each with its own factors. Applies to the default "
+      "dimension numbers only.")
 
   def __post_init__(self):
     validation.check_static_int("layer_axes", self.layer_axes)
     if self.layer_axes < 0:
       raise ValueError(f"layer_axes must be >= 0, got {self.layer_axes}.")
+    if self.layer_axes and self.weight_dimension_numbers is not None:
+      raise TypeError(
+          "layer_axes applies to the default dimension numbers; with "
+          "weight_dimension_numbers, make the layer axes batch axes there "
+          "(axes in neither reduction_axis nor output_axis).")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,6 +162,10 @@ class Placement:
       "low-rank factors are averaged across it.")
 
   def __post_init__(self):
+    if self.mesh is not None and not isinstance(
+        self.mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+      raise TypeError("mesh must be a jax.sharding.Mesh (e.g. from "
+                      f"jax.make_mesh), got {type(self.mesh).__name__}.")
     if self.mesh is None and (self.data_axis is not None
                               or self.param_specs is not None):
       raise ValueError("data_axis and param_specs need mesh= (the mesh the "

@@ -160,8 +160,16 @@ def low_rank_transformation(
         eps=matrix_step.schedule_value(compressor.eps, count),
         decays=None if feedback is None else tuple(
             matrix_step.schedule_value(v, count) for v in feedback))
-    step = functools.partial(matrix_step.step_matrices, compressor, lay.views)
-    if lay.mesh is None:
+    # Updates in the parameters' dtypes, as optax's own (float32 updates for
+    # float32 weights with bfloat16 gradients); without params, the grads'.
+    update_dtypes = ([g.dtype for g in inputs.grads] if params is None else
+                     [jnp.result_type(p) for p in flat(
+                         nnx_interop.unboxed(params))])
+    step = functools.partial(matrix_step.step_matrices, compressor, lay.views,
+                             update_dtypes)
+    if not lay.views:   # every leaf went elsewhere (e.g. to AdamW)
+      results = []
+    elif lay.mesh is None:
       results = step([low_rank.SINGLE_DEVICE] * len(lay.views), inputs)
     else:
       results = placement_lib.sharded_step(

@@ -43,11 +43,35 @@ def dimension_numbers(tree: Any, weight_dimension_numbers: Any,
   if given is None:
     return [matrix_view.default_dimension_numbers(jnp.ndim(x), layer_axes)
             for x in jax.tree.leaves(tree)]
-  broadcast = jax.tree.map(
-      lambda d, sub: jax.tree.map(lambda _: _Boxed(d), sub),
-      given, tree, is_leaf=matrix_view.is_dimension_numbers_leaf)
+  for path, d in jax.tree_util.tree_flatten_with_path(
+      given, is_leaf=matrix_view.is_dimension_numbers_leaf)[0]:
+    if not matrix_view.is_dimension_numbers_leaf(d):
+      raise TypeError(
+          f"weight_dimension_numbers{jax.tree_util.keystr(path)}: entries must "
+          f"be DionDimensionNumbers (or MuonDimensionNumbers) or None, got "
+          f"{d!r}.")
+  broadcast = prefix_map(
+      lambda d, sub: jax.tree.map(lambda _: _Boxed(d), sub), given, tree,
+      "weight_dimension_numbers", matrix_view.is_dimension_numbers_leaf)
   return [b.dims for b in jax.tree.leaves(
       broadcast, is_leaf=lambda x: isinstance(x, _Boxed))]
+
+
+def prefix_map(fn, prefix: Any, tree: Any, what: str, is_leaf) -> Any:
+  """``jax.tree.map(fn, prefix, tree)`` for a ``prefix`` of ``tree``, or an
+  error that names ``what`` and a path the two do not share."""
+  try:
+    return jax.tree.map(fn, prefix, tree, is_leaf=is_leaf)
+  except (ValueError, TypeError) as e:
+    entries = {jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_flatten_with_path(prefix, is_leaf=is_leaf)[0]}
+    leaves = [jax.tree_util.keystr(p) for p, _ in
+              jax.tree_util.tree_flatten_with_path(tree)[0]]
+    missing = [p for p in leaves if not any(p.startswith(e) for e in entries)]
+    detail = (f"it has no entry for {missing[0]}" if missing else
+              "its structure is not a prefix of the parameters'")
+    raise ValueError(f"{what} does not match the parameters: {detail}. Give "
+                     "one entry per parameter (or per subtree).") from e
 
 
 def matrix_leaves(tree: Any, weight_dimension_numbers: Any, layer_axes: int
@@ -61,15 +85,22 @@ def matrix_leaves(tree: Any, weight_dimension_numbers: Any, layer_axes: int
   dims = dimension_numbers(tree, weight_dimension_numbers, layer_axes)
   paths = [(jax.tree_util.keystr(p), x) for p, x in leaves_with_path]
   for (path, x), d in zip(paths, dims):
+    dtype = jnp.dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x))
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"{path}: the low-rank step needs a real floating-point weight, "
+          f"got {dtype.name}; route it to AdamW (the label "
+          "'adam', or None in weight_dimension_numbers).")
     if d is not None:
       continue
     if weight_dimension_numbers is None:
+      stacked = (f", and {2 + layer_axes}-D ones with layer_axes={layer_axes}"
+                 if layer_axes else "")
       raise ValueError(
-          f"{path}: a leaf of shape {jnp.shape(x)} cannot be treated as a "
-          "matrix without weight_dimension_numbers (only 2-D (fan_in, "
-          f"fan_out) leaves, and {2 + layer_axes}-D ones with layer_axes="
-          f"{layer_axes}, have a default). Give it DionDimensionNumbers, or "
-          "None to route it to AdamW.")
+          f"{path}: a leaf of shape {jnp.shape(x)} has no default dimension "
+          f"numbers (only 2-D (fan_in, fan_out) leaves{stacked} do). Give it "
+          "DionDimensionNumbers in weight_dimension_numbers, or route it to "
+          "AdamW (the label 'adam').")
     raise ValueError(
         f"{path}: its weight_dimension_numbers entry is None (AdamW), but it "
         "was sent to the low-rank transformation. Mask it out (optax.partition"

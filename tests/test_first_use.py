@@ -182,15 +182,18 @@ def test_scanned_model_with_layer_axes_routes_every_stacked_kernel_to_low_rank()
   assert all(path in text for path in routes)
 
 
-def test_scanned_model_by_default_sends_no_norm_or_bias_to_low_rank_and_warns():
+def test_scanned_model_by_default_sends_no_norm_or_bias_to_low_rank_and_warns_once():
   params = nnx.state(ScannedModel(LAYERS, nnx.Rngs(0)), nnx.Param)
+  # The (layers, d) norm scales and biases are 2-D, but never matrices of a linear map.
+  assert all(r.route == "adam" for r in od.routing_summary(params))
+  tx = od.orth_dion(0.02)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    routes = od.routing_summary(params)
-  # The (layers, d) norm scales and biases are 2-D, but never matrices of a linear map.
-  assert all(r.route == "adam" for r in routes)
-  assert any("layer_axes" in str(w.message) and "['blocks']" in str(w.message)
-             for w in caught)
+    state = tx.init(params)
+    jax.jit(tx.update)(params, state, params)
+  messages = [str(w.message) for w in caught if "orth_dion_jax" in str(w.message)]
+  assert len(messages) == 1, messages
+  assert "layer_axes=1" in messages[0] and "['blocks']" in messages[0]
 
 
 def test_scanned_model_trains_with_layer_axes():
