@@ -101,7 +101,7 @@ def warn_unrouted_weights(params: Any, labels: Any, layer_axes: int) -> None:
       f"by default, e.g. {missed[0][0]} of shape {missed[0][1]}. To give them "
       "the low-rank step, pass weight_dimension_numbers with their fan-in and "
       f"fan-out axes (README: attention kernels, convolutions){stacked}; "
-      "routing_summary(params) shows where each leaf goes.", stacklevel=5)
+      "routing_summary(params) shows where each leaf goes.", stacklevel=3)
 
 
 def labels_fn(weight_dimension_numbers: Any, param_labels: Any,
