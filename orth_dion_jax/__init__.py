@@ -42,7 +42,7 @@ from orth_dion_jax.transform import OrthDionState
 from orth_dion_jax.transform import scale_by_error_feedback
 from orth_dion_jax.transform import scale_by_low_rank_orthogonalization
 from orth_dion_jax.transform import scale_by_orth_dion
-from orth_dion_jax.validation import STATIC_ARGS
+from orth_dion_jax.settings import STATIC_ARGS
 
 __version__ = "0.1.0"
 

@@ -42,7 +42,7 @@ def _low_rank_and_adamw(fn, learning_rate, kwargs: dict[str, Any], *,
   placement, other = given[Placement], given[OtherLeaves]
   low_rank_chain = optax.chain(
       transform.low_rank_transformation(
-          given[LowRankCompressor], feedback=(1.0, feedback.mu),
+          given[LowRankCompressor], feedback=feedback.decays,
           momentum_dtype=feedback.dtype, axes=axes, placement=placement),
       nonfinite.decay_and_scale_if_finite(learning_rate, other.weight_decay),
   )
@@ -58,14 +58,21 @@ def _low_rank_and_adamw(fn, learning_rate, kwargs: dict[str, Any], *,
       {routing.LOW_RANK: low_rank_chain, routing.ADAM: adam_chain},
       routing.labels_fn(axes.weight_dimension_numbers, other.param_labels,
                         axes.layer_axes),
-      params_required=placement.data_axis is not None,
+      num_replicas=(None if placement.data_axis is None
+                    else placement.mesh.shape[placement.data_axis]),
       warn_at_init=(functools.partial(routing.warn_unrouted_weights,
                                       layer_axes=axes.layer_axes)
                     if axes.weight_dimension_numbers is None
                     and other.param_labels is None else None))
 
 
-@settings.accepts(*_GROUPS, omit=("right_factor",))
+# The aliases differ only in the right factor, which each fixes.
+_FIXED = {"right_factor": "orth_dion fixes the QR right factor and dion the "
+                          "column-normalized one; use scale_by_orth_dion to "
+                          "choose"}
+
+
+@settings.accepts(*_GROUPS, omit=_FIXED)
 def orth_dion(learning_rate: optax.ScalarOrSchedule,
               **kwargs) -> optax.GradientTransformation:
   r"""Orth-Dion: low-rank orthonormalized updates for matrices, AdamW elsewhere.
@@ -121,7 +128,7 @@ def orth_dion(learning_rate: optax.ScalarOrSchedule,
                              right_factor="qr")
 
 
-@settings.accepts(*_GROUPS, omit=("right_factor",))
+@settings.accepts(*_GROUPS, omit=_FIXED)
 def dion(learning_rate: optax.ScalarOrSchedule,
          **kwargs) -> optax.GradientTransformation:
   r"""Dion: ``orth_dion`` with the column-normalized right factor.
@@ -144,7 +151,7 @@ def dion(learning_rate: optax.ScalarOrSchedule,
                              right_factor="column")
 
 
-@settings.accepts(*_GROUPS, omit=("right_factor",))
+@settings.accepts(*_GROUPS, omit=_FIXED)
 def routing_summary(params: Any, **kwargs) -> routing.RoutingSummary:
   """Where ``orth_dion`` / ``dion`` with these settings send each leaf.
 

@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal, NamedTuple, Sequence
 
 import jax
@@ -38,7 +39,7 @@ from orth_dion_jax.collectives import Collectives, SINGLE_DEVICE
 
 Array = jax.Array
 RightFactor = Literal["qr", "column"]
-RIGHT_FACTORS = ("qr", "column")
+RIGHT_FACTORS = typing.get_args(RightFactor)
 
 
 class LowRankFactors(NamedTuple):
@@ -84,10 +85,11 @@ def outer(left: Array, projected: Array,
 
 @dataclasses.dataclass(frozen=True)
 class LowRankConfig:
-  """Static choices of the low-rank step."""
-  right_factor: RightFactor = "qr"
-  orthogonalize: orth.Method = "cholesky_qr"
-  power_iters: int = 1
+  """Static choices of the low-rank step (``LowRankCompressor.step_config``
+  fills them from the settings, whose defaults they are)."""
+  right_factor: RightFactor
+  orthogonalize: orth.Method
+  power_iters: int
 
 
 class MatrixTask(NamedTuple):

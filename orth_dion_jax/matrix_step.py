@@ -29,7 +29,6 @@ import optax
 
 from orth_dion_jax import low_rank
 from orth_dion_jax import matrix_view
-from orth_dion_jax import nonfinite
 from orth_dion_jax.collectives import Collectives
 from orth_dion_jax.settings import LowRankCompressor
 
@@ -39,7 +38,9 @@ Array = jax.Array
 class StepInputs(NamedTuple):
   """What the step reads: one entry per matrix in each list, and scalars."""
   grads: list[Array]              # like the weights (plus a replica axis)
-  momenta: list[Array | None]     # like the weights; None without momentum
+  momenta: list[Any]   # like the weights; None without momentum;
+                       # ReplicaMomenta in compressed mode until placement
+                       # unwraps them for shard_map
   right_factors: list[Array]      # batch + (small, r), float32
   nonfinite_counts: list[Array]   # batch shape, int32
   count: Array                    # (), int32: steps taken
@@ -49,7 +50,7 @@ class StepInputs(NamedTuple):
 
 class MatrixStep(NamedTuple):
   """What the step returns for one matrix."""
-  update: Array                # like the weight, the gradient's dtype
+  update: Array                # like the weight, in the parameter's dtype
   momentum: Array | None       # like the weight, the momentum's dtype
   right_factor: Array          # batch + (small, r), float32
   captured_fraction: Array     # batch shape, float32
@@ -62,12 +63,53 @@ def schedule_value(value: optax.ScalarOrSchedule, count: Array) -> Array:
   return jnp.asarray(value(count) if callable(value) else value, jnp.float32)
 
 
+def _finite_right_factor(q: Array, collectives: Collectives
+                          ) -> tuple[Array, Array]:
+  """The carried ``Q``, or the first r columns of I where it is not usable.
+
+  A right factor restored from a corrupt checkpoint would otherwise make
+  every later step of its matrix non-finite (or, all zero, skipped). The
+  replacement is the same on every replica (no randomness) and of full
+  column rank. Returns the factor and the (n,) flag of those that were
+  usable.
+  """
+  c = collectives
+  # An all-zero Q is as unusable (B Q = 0: the matrix would never step again).
+  largest = c.everything.max(jnp.max(jnp.abs(q), axis=(-2, -1)))
+  finite = jnp.isfinite(largest) & (largest > 0)
+  small, rank = q.shape[-2:]
+  eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
+                      axis=-2)
+  return jnp.where(finite[:, None, None], q, eye), finite
+
+
+def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
+                   decays: tuple[Array, Array], dtype: jnp.dtype,
+                   collectives: Collectives) -> Array:
+  """(n,) bool: the new momentum cannot overflow ``dtype``.
+
+  ``|M'| <= a max|B| + |a - c| max_j ||R_j||``, since the rows of ``P`` have
+  norm <= 1: a bound from quantities the step has, so a float16 momentum is
+  never written as Inf (checking ``M'`` itself would need a pass over it
+  before it may be stored).
+  """
+  a, c = (jnp.reshape(d, (-1,)) for d in decays)
+  r = factors.projected
+  r_max = collectives.everything.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
+  safe = jnp.where(r_max > 0, r_max, 1.0)[:, None, None]
+  row_norms = collectives.everything.max(jnp.max(
+      jnp.sum(jnp.square(r / safe), axis=-1), axis=-1))
+  captured = r_max * jnp.sqrt(row_norms) * factors.moved.reshape(-1)
+  bound = a * b_max + jnp.abs(a - c) * captured
+  return bound <= float(jnp.finfo(dtype).max)
+
+
 class _Prepared(NamedTuple):
   """A leaf in layout view, ready for the power iteration."""
   view: matrix_view.MatrixView   # sizes of this device's block
   buffer: Array    # B = M + G (or G without momentum), (n, fan_in, fan_out)
   finite: Array    # (n,) bool: the gradient and the schedules are finite
-  momentum_dtype: Any = None   # the new momentum's dtype (None: no momentum)
+  momentum_dtype: jnp.dtype | None = None   # the new momentum's (None: none)
 
 
 def _prepare(view: matrix_view.MatrixView, grad: Array,
@@ -127,7 +169,7 @@ def _finish(
     # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
     decays = tuple(jnp.where(finite, d, 1.0) for d in decays)
     if jnp.finfo(momentum_dtype).max < jnp.finfo(jnp.float32).max:
-      healthy &= nonfinite.momentum_fits(b_max, factors, decays,
+      healthy &= _momentum_fits(b_max, factors, decays,
                                          momentum_dtype, collectives)
   step = (finite & healthy & low_rank.all_finite(factors.right, collectives)
           )[:, None, None]
@@ -164,7 +206,7 @@ def _finish(
 
 def step_matrices(compressor: LowRankCompressor,
                   views: Sequence[matrix_view.MatrixView],
-                  update_dtypes: Sequence[Any],
+                  update_dtypes: Sequence[jnp.dtype],
                   collectives: Sequence[Collectives],
                   inputs: StepInputs) -> list[MatrixStep]:
   """One step of every matrix, on whole arrays or on one device's blocks.
@@ -181,7 +223,7 @@ def step_matrices(compressor: LowRankCompressor,
       _prepare(v.localized(g.shape), g, m, c, schedules_finite)
       for v, g, m, c in zip(views, inputs.grads, inputs.momenta, collectives)]
   qs, qs_finite = zip(*[
-      nonfinite.finite_right_factor(
+      _finite_right_factor(
           q.reshape(-1, p.view.small, p.view.rank), c)
       for p, q, c in zip(prepared, inputs.right_factors, collectives)])
   step_key = jax.random.fold_in(jax.random.key(compressor.seed), inputs.count)

@@ -1,17 +1,14 @@
-"""The non-finite guard: NaN and Inf never reach parameters or state.
+"""The non-finite guard around the low-rank step: optax transformations.
 
-Three places need it, and each is branch-free (selects, no ``lax.cond``; a
-cond's branches would also have to agree on dtypes, and its fallback work
-would add LAPACK calls to order):
+NaN and Inf never reach parameters or state. Three places need a guard, each
+branch-free (selects, no ``lax.cond``: a cond's branches would have to agree
+on dtypes):
 
-* the low-rank step (``transform._finish``): per matrix, the step is taken
-  only when what it consumes and produces is finite (the gradient, the
-  schedules' values, ``B = M + G``, ``R``, the new ``Q``) and the new momentum
-  fits its dtype (``momentum_fits``); a carried ``Q`` that is not finite is
-  replaced first (``finite_right_factor``);
+* the low-rank step itself, per matrix (``matrix_step``);
 * the low-rank chain's learning rate and weight decay
-  (``decay_and_scale_if_finite``): a non-finite value means learning rate 0;
-* the AdamW-routed leaves (``skip_nonfinite_steps``).
+  (``decay_and_scale_if_finite``, here): a non-finite value means learning
+  rate 0;
+* the AdamW-routed leaves (``skip_nonfinite_steps``, here).
 
 Why each failure is handled as it is: docs/design.md, "Failure semantics".
 """
@@ -25,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from orth_dion_jax import low_rank
-from orth_dion_jax.collectives import Collectives
+from orth_dion_jax.matrix_step import schedule_value
 
 Array = jax.Array
 
@@ -126,16 +122,14 @@ def decay_and_scale_if_finite(
   step is counted in ``ScheduleGuardState.nonfinite_count``. The select is
   part of the elementwise pass that scales the updates.
   """
-  resolve = lambda value, count: value(count) if callable(value) else value
-
   def init_fn(params):
     del params
     return ScheduleGuardState(jnp.zeros([], jnp.int32),
                               jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
-    lr = jnp.asarray(resolve(learning_rate, state.count), jnp.float32)
-    wd = jnp.asarray(resolve(weight_decay, state.count), jnp.float32)
+    lr = schedule_value(learning_rate, state.count)
+    wd = schedule_value(weight_decay, state.count)
     finite = jnp.isfinite(lr) & jnp.isfinite(wd)
     if params is None:
       raise ValueError("orth_dion / dion: update needs params (decoupled "
@@ -148,44 +142,3 @@ def decay_and_scale_if_finite(
         state.nonfinite_count + (~finite).astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def finite_right_factor(q: Array, collectives: Collectives
-                         ) -> tuple[Array, Array]:
-  """The carried ``Q``, or the first r columns of I where it is not usable.
-
-  A right factor restored from a corrupt checkpoint would otherwise make
-  every later step of its matrix non-finite (or, all zero, skipped). The
-  replacement is the same on every replica (no randomness) and of full
-  column rank. Returns the factor and the (n,) flag of those that were
-  usable.
-  """
-  c = collectives
-  # An all-zero Q is as unusable (B Q = 0: the matrix would never step again).
-  largest = c.everything.max(jnp.max(jnp.abs(q), axis=(-2, -1)))
-  finite = jnp.isfinite(largest) & (largest > 0)
-  small, rank = q.shape[-2:]
-  eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
-                      axis=-2)
-  return jnp.where(finite[:, None, None], q, eye), finite
-
-
-def momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
-                   decays: tuple[Array, Array], dtype,
-                   collectives: Collectives) -> Array:
-  """(n,) bool: the new momentum cannot overflow ``dtype``.
-
-  ``|M'| <= a max|B| + |a - c| max_j ||R_j||``, since the rows of ``P`` have
-  norm <= 1: a bound from quantities the step has, so a float16 momentum is
-  never written as Inf (checking ``M'`` itself would need a pass over it
-  before it may be stored).
-  """
-  a, c = (jnp.reshape(d, (-1,)) for d in decays)
-  r = factors.projected
-  r_max = collectives.everything.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
-  safe = jnp.where(r_max > 0, r_max, 1.0)[:, None, None]
-  row_norms = collectives.everything.max(jnp.max(
-      jnp.sum(jnp.square(r / safe), axis=-1), axis=-1))
-  captured = r_max * jnp.sqrt(row_norms) * factors.moved.reshape(-1)
-  bound = a * b_max + jnp.abs(a - c) * captured
-  return bound <= float(jnp.finfo(dtype).max)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 from typing import Literal, Sequence
 
 import jax
@@ -51,7 +52,7 @@ from orth_dion_jax.lapack_calls import per_matrix
 
 Array = jax.Array
 Method = Literal["householder", "cholesky_qr", "randomized_cholesky_qr"]
-METHODS = ("householder", "cholesky_qr", "randomized_cholesky_qr")
+METHODS = typing.get_args(Method)
 
 # A second CholeskyQR pass restores orthogonality to machine precision only
 # when the first pass came out reasonably conditioned (cond(A) below about

@@ -27,7 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from orth_dion_jax import nnx_interop
 from orth_dion_jax import sharding
+from orth_dion_jax.collectives import Collectives
 from orth_dion_jax.data_parallel import ReplicaMomenta
+from orth_dion_jax.matrix_view import MatrixView
 from orth_dion_jax.matrix_step import MatrixStep, StepInputs
 from orth_dion_jax.settings import Placement
 
@@ -113,9 +115,9 @@ def _carried_spec(x: Any, path: str, mesh: Mesh,
   return spec
 
 
-def leaf_plans(placement: Placement, mesh: Mesh, leaves: Sequence[tuple[str, Any]],
-          views: Sequence[Any], tree: Any, per_replica: bool
-          ) -> list[sharding.LeafPlan]:
+def leaf_plans(placement: Placement, mesh: Mesh,
+               leaves: Sequence[tuple[str, Any]], views: Sequence[MatrixView],
+               tree: Any, per_replica: bool) -> list[sharding.LeafPlan]:
   """Each leaf's plan; its spec from ``param_specs`` or from the array."""
   carried = [_carried_spec(x, path, mesh, per_replica) for path, x in leaves]
   if placement.param_specs is None:
@@ -179,7 +181,8 @@ def _placed(xs: Sequence[Any], specs: Sequence[Any], mesh: Mesh) -> list[Any]:
   return [x if s is None else place(x, mesh, s) for x, s in zip(xs, specs)]
 
 
-def sharded_step(step: Callable[[list, StepInputs], list[MatrixStep]],
+def sharded_step(step: Callable[[Sequence[Collectives], StepInputs],
+                                list[MatrixStep]],
                  plans: Sequence[sharding.LeafPlan], mesh: Mesh,
                  inputs: StepInputs, *, per_replica: bool) -> list[MatrixStep]:
   """Runs ``step(collectives, inputs)`` in ``jax.shard_map``: each device on

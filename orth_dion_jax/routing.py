@@ -122,37 +122,19 @@ def labels_fn(weight_dimension_numbers: Any, param_labels: Any,
   return lambda params: default_param_labels(params, layer_axes)
 
 
-def _check_gradient_shapes(updates, params, *, replica_axis: bool) -> None:
-  """Every gradient leaf has its parameter's shape, or a ValueError names it.
-
-  Checked for every leaf, whichever transformation it goes to: AdamW would
-  broadcast a (1,)-shaped gradient onto a bias without a word. With
-  ``replica_axis`` (compressed data parallelism) a leading replica axis is
-  expected.
-  """
-  updates = nnx_interop.unboxed(updates)
-  params = nnx_interop.unboxed(params)
-  for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
-                          tree_views.flatten_like(updates, params,
-                                                  "the parameters")):
-    shape, expected = jnp.shape(g), jnp.shape(p)
-    if shape != expected and not (replica_axis and shape[1:] == expected):
-      raise ValueError(
-          f"{jax.tree_util.keystr(path)}: the gradient has shape {shape}, "
-          f"but the parameter has shape {expected}"
-          + (" (plus a leading replica axis)" if replica_axis else "") + ".")
-
-
 def partition_by_params(transforms: dict, labels_of_params: Callable, *,
-                        params_required: bool, warn_at_init: Callable | None
+                        num_replicas: int | None,
+                        warn_at_init: Callable | None
                         ) -> optax.GradientTransformationExtraArgs:
   """``optax.partition`` whose labels are read from the parameters.
 
   ``optax.partition`` labels the gradients in ``update``; then a gradient
   leaf of the wrong rank would be routed elsewhere than init routed its
   parameter and fail in the other group, far from its cause. With
-  compressed data parallelism (``params_required``) the gradients carry a
-  leading replica axis, so labels can only come from ``params``.
+  compressed data parallelism (``num_replicas`` set) the gradients carry a
+  leading replica axis, so labels can only come from ``params``. Every
+  gradient's shape is checked against its parameter's, whichever group it
+  goes to: AdamW would broadcast a (1,)-shaped gradient onto a bias.
   ``warn_at_init(params, labels)`` runs once, in ``init``.
   """
   # Labels read off bare arrays are a prefix of the tree whether or not its
@@ -177,11 +159,13 @@ def partition_by_params(transforms: dict, labels_of_params: Callable, *,
     return optax.partition(transforms, labels).init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None and params_required:
+    if params is None and num_replicas is not None:
       raise ValueError("With data_axis set, update needs params: the routing "
                        "labels are read from the parameters' shapes.")
     if params is not None:
-      _check_gradient_shapes(updates, params, replica_axis=params_required)
+      tree_views.check_gradient_shapes(
+          nnx_interop.unboxed(updates), None, nnx_interop.unboxed(params),
+          num_replicas)
     labels = labels_of(updates if params is None else params)
     return optax.partition(transforms, labels).update(
         updates, state, params, **extra_args)

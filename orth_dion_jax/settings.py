@@ -38,41 +38,48 @@ import optax
 from orth_dion_jax import low_rank
 from orth_dion_jax import matrix_view
 from orth_dion_jax import orthogonalize
+from orth_dion_jax import sharding
 from orth_dion_jax import validation
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
 
-def _setting(default: Any, doc: str) -> Any:
-  return dataclasses.field(default=default, metadata={"doc": doc})
+def _setting(default: Any, doc: str, *, static: bool = False) -> Any:
+  """A field: its default, its meaning, and whether it sets shapes, seeds or
+  structure (``static``: it must stay a Python value under jit and
+  ``optax.inject_hyperparams``)."""
+  return dataclasses.field(default=default,
+                           metadata={"doc": doc, "static": static})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LowRankCompressor:
   """The low-rank orthonormalized step's static configuration."""
   rank_fraction: float = _setting(
-      0.25, "r = ceil(rank_fraction * min(fan_in, fan_out)).")
+      0.25, "r = ceil(rank_fraction * min(fan_in, fan_out)).", static=True)
   rank: int | None = _setting(
-      None, "explicit rank; overrides rank_fraction (clipped per matrix).")
+      None, "explicit rank; overrides rank_fraction (clipped per matrix).",
+      static=True)
   rank_multiple_of: int = _setting(
       1, "the r from rank_fraction is rounded up to a multiple of this (an "
-      "explicit rank is used as given).")
+      "explicit rank is used as given).", static=True)
   right_factor: low_rank.RightFactor = _setting(
       "qr", '"qr" (Orth-Dion: sign-safe QR) or "column" (Dion: column '
       "normalization).")
   orthogonalize: orthogonalize.Method = _setting(
       "cholesky_qr", " | ".join(f'"{m}"' for m in orthogonalize.METHODS)
       + ": how P and the QR right factor are orthonormalized "
-      "(docs/design.md, \"The orthonormalization methods\").")
-  power_iters: int = _setting(1, "power iterations per step (1 in the papers).")
+      "(docs/design.md, \"The orthonormalization methods\").", static=True)
+  power_iters: int = _setting(1, "power iterations per step (1 in the papers).",
+      static=True)
   eps: ScalarOrSchedule = _setting(
       1e-8, "epsilon of Dion's column normalization (float or schedule).")
   scale: matrix_view.Scale = _setting(
       "spectral", '"spectral" (sqrt(fan_out / fan_in)), "rms" '
-      "(0.2 sqrt(max(fan_in, fan_out))), a float, or None (1).")
+      "(0.2 sqrt(max(fan_in, fan_out))), a float, or None (1).", static=True)
   seed: int = _setting(
       0, "seeds the initial right factors and randomized sketches; the same "
-      "seed gives the same factors on every replica and host.")
+      "seed gives the same factors on every replica and host.", static=True)
 
   def __post_init__(self):
     validation.check_rank_arguments(self.rank, self.rank_fraction,
@@ -109,11 +116,18 @@ class ErrorFeedback:
       "schedule).")
   momentum_dtype: Any = _setting(
       None, "dtype of the momentum, e.g. jnp.bfloat16 (None: the "
-      "parameter's); the factorizations run in float32 regardless.")
+      "parameter's); the factorizations run in float32 regardless.",
+      static=True)
 
   def __post_init__(self):
     validation.check_unit_interval("mu", self.mu, closed_right=False)
     validation.check_float_dtype("momentum_dtype", self.momentum_dtype)
+
+  @property
+  def decays(self) -> tuple[ScalarOrSchedule, ScalarOrSchedule]:
+    """``(residual_decay, captured_decay)`` of ``scale_by_error_feedback``:
+    the mu-form keeps the residual whole and decays the captured part."""
+    return (1.0, self.mu)
 
   @property
   def dtype(self) -> jnp.dtype | None:
@@ -127,12 +141,12 @@ class MatrixAxes:
   weight_dimension_numbers: Any = _setting(
       None, "tree (or callable of the parameters) of DionDimensionNumbers "
       "(or optax.contrib.MuonDimensionNumbers) for low-rank leaves and None "
-      "for AdamW ones; None: the default routing.")
+      "for AdamW ones; None: the default routing.", static=True)
   layer_axes: int = _setting(
       0, "leading axes that stack layers (nnx.scan / nnx.vmap models): a "
       "leaf with 2 + layer_axes axes is a stack of (fan_in, fan_out) "
       "matrices, each with its own factors. Applies to the default "
-      "dimension numbers only.")
+      "dimension numbers only.", static=True)
 
   def __post_init__(self):
     validation.check_static_int("layer_axes", self.layer_axes)
@@ -151,15 +165,16 @@ class Placement:
   mesh: jax.sharding.Mesh | None = _setting(
       None, "the mesh the parameters are sharded over; None: read from the "
       "parameters (an Explicit mesh, concrete arrays or jax.set_mesh). The "
-      "low-rank step then runs under jax.shard_map on each device's blocks.")
+      "low-rank step then runs under jax.shard_map on each device's blocks.",
+      static=True)
   param_specs: Any = _setting(
       None, "tree (or callable of the parameters) of PartitionSpec or "
       "NamedSharding; None: read from the arrays or their types. Needed "
-      "under jit with Auto mesh axes.")
+      "under jit with Auto mesh axes.", static=True)
   data_axis: str | None = _setting(
       None, "mesh axis of compressed data parallelism: gradients carry a "
       "leading replica axis (per_replica_value_and_grad) and only the "
-      "low-rank factors are averaged across it.")
+      "low-rank factors are averaged across it.", static=True)
 
   def __post_init__(self):
     if self.mesh is not None and not isinstance(
@@ -170,10 +185,8 @@ class Placement:
                               or self.param_specs is not None):
       raise ValueError("data_axis and param_specs need mesh= (the mesh the "
                        "parameters are sharded over).")
-    if self.data_axis is not None and self.data_axis not in (
-        self.mesh.axis_names):
-      raise ValueError(f"data_axis {self.data_axis!r} is not an axis of the "
-                       f"mesh {tuple(self.mesh.axis_names)}.")
+    if self.data_axis is not None:
+      sharding.replica_count(self.mesh, self.data_axis)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -183,7 +196,7 @@ class OtherLeaves:
       0.01, "decoupled weight decay of the low-rank matrices.")
   param_labels: Any = _setting(
       None, 'tree (or callable of the parameters) of "low_rank" / "adam" '
-      "labels; overrides the default routing.")
+      "labels; overrides the default routing.", static=True)
   adam_learning_rate: ScalarOrSchedule | None = _setting(
       None, "AdamW's learning rate (None: the low-rank learning rate).")
   adam_b1: float = _setting(0.95, "AdamW's first-moment decay.")
@@ -204,18 +217,21 @@ class OtherLeaves:
 
 
 def _fields(groups, omit) -> list[dataclasses.Field]:
+  """The groups' fields, those named in ``omit`` left out."""
   return [f for g in groups for f in dataclasses.fields(g)
           if f.name not in omit]
 
 
-def accepts(*groups: type, omit: tuple[str, ...] = ()) -> Callable:
+def accepts(*groups: type, omit: dict[str, str] | None = None) -> Callable:
   """Gives a ``def f(..., **settings)`` the groups' fields as keywords.
 
   The signature (``inspect.signature``, ``help``) lists the function's own
-  parameters, then every field of ``groups`` except ``omit``, keyword-only,
-  with its default; the docstring gains a "Settings" section with each
-  field's meaning. The function reads them with ``parse``.
+  parameters, then every field of ``groups`` except those in ``omit``,
+  keyword-only, with its default; the docstring gains a "Settings" section
+  with each field's meaning. The function reads them with ``parse``. ``omit``
+  maps each left-out setting to what the error for it says instead.
   """
+  omit = omit or {}
   def decorate(fn: Callable) -> Callable:
     fields = _fields(groups, omit)
     own = [p for p in inspect.signature(fn).parameters.values()
@@ -250,10 +266,18 @@ def parse(fn: Callable, settings: dict[str, Any], *,
       close = difflib.get_close_matches(name, sorted(known), n=1)
       hint = f"; did you mean {close[0]!r}?" if close else "."
       if name in omit:
-        hint = f": {fn.__name__} fixes it{hint}"
+        hint = f": {omit[name]}."
       raise TypeError(f"{fn.__name__}() got an unexpected keyword argument "
                       f"{name!r}{hint}")
   given = {**settings, **(fixed or {})}
   return {g: g(**{f.name: given[f.name] for f in dataclasses.fields(g)
                   if f.name in given}) for g in groups}
 
+
+# Settings that set shapes, seeds or structure: under optax.inject_hyperparams
+# they must stay Python values, e.g.
+# ``optax.inject_hyperparams(orth_dion, static_args=STATIC_ARGS)``.
+STATIC_ARGS = tuple(
+    f.name for g in (LowRankCompressor, ErrorFeedback, MatrixAxes, Placement,
+                     OtherLeaves)
+    for f in dataclasses.fields(g) if f.metadata["static"])

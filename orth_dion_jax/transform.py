@@ -28,9 +28,11 @@ import optax
 
 from orth_dion_jax import low_rank
 from orth_dion_jax import matrix_step
+from orth_dion_jax import matrix_view
 from orth_dion_jax import nnx_interop
 from orth_dion_jax import placement as placement_lib
 from orth_dion_jax import settings
+from orth_dion_jax import sharding
 from orth_dion_jax import tree_views
 from orth_dion_jax import validation
 from orth_dion_jax.data_parallel import ReplicaMomenta
@@ -58,13 +60,13 @@ class OrthDionState(NamedTuple):
   nonfinite_count: optax.Updates    # per matrix: batch shape, int32 skipped steps
 
 
-class _Layout(NamedTuple):
+class _Matrices(NamedTuple):
   """A tree of weights seen as matrices, and where each one lives."""
-  leaves: list[tuple[str, Any]]   # (path, leaf) in tree order
-  views: list[Any]                # matrix_view.MatrixView per leaf
-  mesh: Any                       # None: whole arrays on one device
-  plans: list[Any] | None         # sharding.LeafPlan per leaf, on a mesh
-  treedef: Any
+  leaves: list[tuple[str, Any]]            # (path, leaf) in tree order
+  views: list[matrix_view.MatrixView]      # one per leaf
+  mesh: placement_lib.Mesh | None          # None: whole arrays, one device
+  plans: list[sharding.LeafPlan] | None    # one per leaf, on a mesh
+  treedef: jax.tree_util.PyTreeDef
 
 
 def _leaf_key(seed: int, index: int) -> Array:
@@ -81,13 +83,13 @@ def low_rank_transformation(
 ) -> optax.GradientTransformation:
   """Shared body of the public transformations (``feedback``: the decays
   ``(a, c)`` of the error feedback; None for the low-rank step alone)."""
-  replicas = (None if placement.data_axis is None
-              else placement.mesh.shape[placement.data_axis])
+  num_replicas = (None if placement.data_axis is None
+                  else placement.mesh.shape[placement.data_axis])
 
-  def layout(tree, per_replica: bool) -> _Layout:
-    per_replica = per_replica and replicas is not None
+  def as_matrices(tree, per_replica: bool) -> _Matrices:
+    per_replica = per_replica and num_replicas is not None
     shapes = tree_views.without_replica_axis(
-        tree, replicas if per_replica else None)
+        tree, num_replicas if per_replica else None)
     leaves, dims, treedef = tree_views.matrix_leaves(
         shapes, axes.weight_dimension_numbers, axes.layer_axes)
     views = [compressor.view(p, x.shape, d) for (p, x), d in zip(leaves, dims)]
@@ -96,21 +98,21 @@ def low_rank_transformation(
     mesh = placement_lib.resolve_mesh(placement, arrays)
     plans = (None if mesh is None else placement_lib.leaf_plans(
         placement, mesh, arrays, views, tree, per_replica))
-    return _Layout(leaves, views, mesh, plans, treedef)
+    return _Matrices(leaves, views, mesh, plans, treedef)
 
   def init_fn(params):
     params = nnx_interop.unboxed(params)
-    lay = layout(params, per_replica=False)
-    plans = lay.plans or [None] * len(lay.views)
+    mats = as_matrices(params, per_replica=False)
+    plans = mats.plans or [None] * len(mats.views)
 
     def put(x, plan, spec_of):
       # On one device JAX's default placement is the right one.
-      return x if plan is None else placement_lib.place(x, lay.mesh,
+      return x if plan is None else placement_lib.place(x, mats.mesh,
                                                         spec_of(plan))
-    unflatten = functools.partial(jax.tree.unflatten, lay.treedef)
+    unflatten = functools.partial(jax.tree.unflatten, mats.treedef)
     per_matrix = lambda make, spec_of: unflatten(
         [put(make(i, v), p, spec_of)
-         for i, (v, p) in enumerate(zip(lay.views, plans))])
+         for i, (v, p) in enumerate(zip(mats.views, plans))])
     batch_zeros = lambda dtype: per_matrix(
         lambda i, v: jnp.zeros(v.batch_shape, dtype), lambda p: p.batch_spec)
     fields = dict(
@@ -129,11 +131,12 @@ def low_rank_transformation(
     def zero_momentum(x, p):
       dtype = momentum_dtype or x.dtype
       if p is not None and p.compressed:
-        return ReplicaMomenta(put(jnp.zeros((replicas,) + x.shape, dtype), p,
-                                  lambda p: p.momentum_spec))
+        return ReplicaMomenta(put(
+            jnp.zeros((num_replicas,) + x.shape, dtype), p,
+            lambda p: p.momentum_spec))
       return put(jnp.zeros(x.shape, dtype), p, lambda p: p.weight_spec)
     return OrthDionState(momentum=unflatten(
-        [zero_momentum(x, p) for (_, x), p in zip(lay.leaves, plans)]),
+        [zero_momentum(x, p) for (_, x), p in zip(mats.leaves, plans)]),
                          **fields)
 
   def update_fn(updates, state, params=None):
@@ -143,16 +146,16 @@ def low_rank_transformation(
       bare, state = update_fn(nnx_interop.unboxed(updates), state, params)
       return nnx_interop.boxed_like(updates, bare), state
     tree_views.check_gradient_shapes(
-        updates, getattr(state, "momentum", None),
-        nnx_interop.unboxed(params), replicas)
-    lay = layout(updates, per_replica=True)
-    tree_views.check_right_factors(updates, lay.leaves, lay.views,
+        updates, None if feedback is None else state.momentum,
+        nnx_interop.unboxed(params), num_replicas)
+    mats = as_matrices(updates, per_replica=True)
+    tree_views.check_right_factors(updates, mats.leaves, mats.views,
                                    state.right_factor)
-    flat = lay.treedef.flatten_up_to
+    flat = mats.treedef.flatten_up_to
     count = state.count
     inputs = matrix_step.StepInputs(
         grads=flat(updates),
-        momenta=([None] * len(lay.views) if feedback is None
+        momenta=([None] * len(mats.views) if feedback is None
                  else flat(state.momentum)),
         right_factors=flat(state.right_factor),
         nonfinite_counts=flat(state.nonfinite_count),
@@ -165,25 +168,28 @@ def low_rank_transformation(
     update_dtypes = ([g.dtype for g in inputs.grads] if params is None else
                      [jnp.result_type(p) for p in flat(
                          nnx_interop.unboxed(params))])
-    step = functools.partial(matrix_step.step_matrices, compressor, lay.views,
+    step = functools.partial(matrix_step.step_matrices, compressor, mats.views,
                              update_dtypes)
-    if not lay.views:   # every leaf went elsewhere (e.g. to AdamW)
+    if not mats.views:   # every leaf went elsewhere (e.g. to AdamW)
       results = []
-    elif lay.mesh is None:
-      results = step([low_rank.SINGLE_DEVICE] * len(lay.views), inputs)
+    elif mats.mesh is None:
+      results = step([low_rank.SINGLE_DEVICE] * len(mats.views), inputs)
     else:
       results = placement_lib.sharded_step(
-          step, lay.plans, lay.mesh, inputs, per_replica=replicas is not None)
-    unflatten = lambda field: jax.tree.unflatten(
-        lay.treedef, [getattr(r, field) for r in results])
-    fields = {f: unflatten(f) for f in ("right_factor", "captured_fraction",
-                                        "nonfinite_count")}
-    fields["count"] = optax.safe_increment(count)
+          step, mats.plans, mats.mesh, inputs,
+          per_replica=num_replicas is not None)
+    unflatten = functools.partial(jax.tree.unflatten, mats.treedef)
+    fields = dict(
+        count=optax.safe_increment(count),
+        right_factor=unflatten([r.right_factor for r in results]),
+        captured_fraction=unflatten([r.captured_fraction for r in results]),
+        nonfinite_count=unflatten([r.nonfinite_count for r in results]))
     if feedback is None:
       new_state = LowRankState(**fields)
     else:
-      new_state = OrthDionState(momentum=unflatten("momentum"), **fields)
-    return unflatten("update"), new_state
+      new_state = OrthDionState(
+          momentum=unflatten([r.momentum for r in results]), **fields)
+    return unflatten([r.update for r in results]), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -225,7 +231,8 @@ def scale_by_low_rank_orthogonalization(
       axes=given[MatrixAxes], placement=given[Placement])
 
 
-@settings.accepts(ErrorFeedback, MatrixAxes, Placement, omit=("mu",))
+@settings.accepts(ErrorFeedback, MatrixAxes, Placement, omit={
+    "mu": "give captured_decay (and residual_decay) instead"})
 def scale_by_error_feedback(
     compressor: LowRankCompressor | None = None,
     *,
@@ -288,6 +295,6 @@ def scale_by_orth_dion(**kwargs) -> optax.GradientTransformation:
   """
   given = settings.parse(scale_by_orth_dion, kwargs)
   return low_rank_transformation(
-      given[LowRankCompressor], feedback=(1.0, given[ErrorFeedback].mu),
+      given[LowRankCompressor], feedback=given[ErrorFeedback].decays,
       momentum_dtype=given[ErrorFeedback].dtype, axes=given[MatrixAxes],
       placement=given[Placement])

@@ -15,16 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Arguments that set shapes or seeds: under optax.inject_hyperparams they must
-# stay Python values, e.g.
-# ``optax.inject_hyperparams(orth_dion, static_args=STATIC_ARGS)``.
-STATIC_ARGS = (
-    "rank_fraction", "rank", "rank_multiple_of", "power_iters", "seed",
-    "orthogonalize", "scale", "momentum_dtype",
-    "weight_dimension_numbers", "param_labels", "layer_axes", "mesh",
-    "param_specs", "data_axis",
-)
-
 _STATIC_HINT = ("; under optax.inject_hyperparams pass "
                 "static_args=orth_dion_jax.STATIC_ARGS")
 

@@ -68,8 +68,13 @@ def test_invalid_hyperparameters_name_the_argument(factory, kwargs, error,
                                      orth_dion_jax.dion])
 def test_aliases_fix_the_right_factor(factory):
   """dion(right_factor="qr") would silently be Orth-Dion: it is refused."""
-  with pytest.raises(TypeError, match=r"\bright_factor\b.*fixes it"):
+  with pytest.raises(TypeError, match=r"\bright_factor\b.*dion fixes the QR right factor"):
     factory(0.01, right_factor="qr")
+
+
+def test_error_feedback_takes_its_decays_not_mu():
+  with pytest.raises(TypeError, match=r"'mu': give captured_decay"):
+    orth_dion_jax.scale_by_error_feedback(mu=0.5)
 
 
 def test_invalid_right_factor_names_the_argument():
