@@ -5,14 +5,17 @@ orthonormalized by a sign-safe QR, so that every update is an exact rank-r
 partial isometry. Public API:
 
 * optimizers: ``orth_dion``, ``dion`` (and where they send each leaf:
-  ``routing_summary``, ``default_param_labels``);
+  ``routing_summary`` giving a ``RoutingSummary`` of ``LeafRoute``s,
+  ``default_param_labels``);
 * transformations: ``scale_by_orth_dion``, ``scale_by_error_feedback``,
   ``scale_by_low_rank_orthogonalization`` with ``LowRankCompressor``, and
-  their states;
+  their states (``OrthDionState``, ``LowRankState``, ``ReplicaMomenta``,
+  ``ScheduleGuardState``); ``STATIC_ARGS`` for ``optax.inject_hyperparams``;
 * weights as matrices: ``DionDimensionNumbers``;
 * compressed data parallelism: ``per_replica_value_and_grad``,
   ``average_replica_momenta``, ``average_replicas``;
-* diagnostics: ``diagnostics_summary``, ``matrix_diagnostics``; the bytes a
+* diagnostics: ``diagnostics_summary``, ``matrix_diagnostics``
+  (``MatrixDiagnostics``); the bytes a
   compiled step moves: the ``communication`` module;
 * the sign-safe QR itself: ``orthonormalize``.
 

@@ -143,6 +143,14 @@ def dion(learning_rate: optax.ScalarOrSchedule,
   Returns:
     An ``optax.GradientTransformation``.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.eye(16, 8)}
+    >>> tx = dion(learning_rate=0.01, rank=2)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates["w"].shape
+    (16, 8)
+
   References:
     Ahn et al., Dion: Distributed Orthonormalized Updates,
     https://arxiv.org/abs/2504.05295

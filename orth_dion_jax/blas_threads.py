@@ -8,7 +8,7 @@ different library from NumPy's ``numpy.libs/libscipy_openblas64_*``). That
 OpenBLAS starts one thread per core; once a call is large enough to wake them
 (r = 64 is), its idle threads keep spinning after every call, taking the cores
 from XLA's own threads, which run the matmuls between the calls. On a 2-core
-machine an update then took from 1.3x to over 30x as long as with
+machine an update then took from about as long to over 50x as long as with
 ``OPENBLAS_NUM_THREADS=1``, varying from run to run
 (``python -m benchmarks.blas_threads``). The matrices are r x r (r = the rank,
 8 to 512), too small for a second BLAS thread to pay off.

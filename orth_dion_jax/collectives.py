@@ -11,7 +11,7 @@ then a local product completed by a sum of small pieces (docs/design.md,
 * ``B^T P``: local product, summed over the big side's axes -> (small x r);
 * Gram matrices ``A^T A`` and column norms of a factor: summed over the axes
   that split that factor's rows -> (r x r) or (1 x r);
-* decoupled data parallelism: ``B Q`` and ``B^T P`` averaged over replicas.
+* compressed data parallelism: ``B Q`` and ``B^T P`` averaged over replicas.
 
 No device ever needs a whole weight, gradient or momentum. ``AxisGroup()``
 (no axes) is the identity, so the same code runs on one device.

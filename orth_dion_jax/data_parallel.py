@@ -1,4 +1,4 @@
-"""Compressed data parallelism: Dion's decoupled momentum, in a few lines.
+"""Compressed data parallelism: each replica keeps its own momentum.
 
 Plain data parallelism all-reduces every gradient: ``m n`` numbers per matrix
 and step. Dion's power iteration is linear in the buffer, so the replicas can
@@ -53,7 +53,9 @@ class ReplicaMomenta(NamedTuple):
 
 
 def _constrain(x: jax.Array, mesh, data_axis: str) -> jax.Array:
-  """Leading axis over ``data_axis``, the rest left to the compiler."""
+  """Leading axis over ``data_axis``, the rest left to the compiler, on a
+  mesh with Auto axes; on an Explicit mesh the types already say so (the
+  batch is split over the data axis and vmap keeps it there)."""
   rest = [PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)
   if sharding.has_auto_axes(mesh):
     return jax.lax.with_sharding_constraint(

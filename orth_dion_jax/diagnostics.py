@@ -4,7 +4,8 @@ The paper's dual-norm measure is ``nu = ||P Q^T||_op``. ``P`` has orthonormal
 columns, so ``nu = ||Q||_op``: it is read off the right factor in the state,
 with no extra work in the optimizer step. Orth-Dion gives nu = 1 (Q is
 orthonormal), Dion nu in [1, sqrt(r)] (its columns only have unit norm); a
-matrix whose last step captured nothing (P = 0) reports nu = 0.
+matrix whose last step moved nothing (a zero buffer, a skipped step, or no
+step yet) reports nu = 0 and captured fraction 0.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class MatrixDiagnostics(NamedTuple):
   nu: Array                 # ||P Q^T||_op of the last step
   rank: int                 # r in use
   captured_fraction: Array  # ||P R^T||_F^2 / ||B||_F^2 of the last step
-  nonfinite_count: Array    # steps skipped for a non-finite gradient
+  nonfinite_count: Array    # steps skipped by the non-finite guard (a bad
+                            # gradient, schedule, buffer or factor, an
+                            # overflowing momentum, a repaired Q)
 
 
 def _array(x: Any) -> Array:
@@ -36,12 +39,6 @@ def _array(x: Any) -> Array:
 
 def _is_state(x: Any) -> bool:
   return isinstance(x, (OrthDionState, LowRankState))
-
-
-def spectral_norm(q: Array) -> Array:
-  """Largest singular value of each (k, r) matrix, via the r x r Gram."""
-  [norm] = _spectral_norms([q])
-  return norm
 
 
 def _gram(q: Array) -> Array:
@@ -61,7 +58,8 @@ def _gram(q: Array) -> Array:
 
 
 def _spectral_norms(qs: list[Array]) -> list[Array]:
-  """``spectral_norm`` of each array of ``qs`` (from its r x r Grams)."""
+  """The largest singular value of each array of ``qs`` (from its r x r
+  Grams)."""
   out = []
   for q in qs:
     gram = _gram(q.astype(jnp.float32))
@@ -72,7 +70,16 @@ def _spectral_norms(qs: list[Array]) -> list[Array]:
 
 
 def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
-  """Diagnostics of every low-rank matrix in an optimizer state, by path."""
+  """Diagnostics of every low-rank matrix in an optimizer state, by path.
+
+  Args:
+    opt_state: a state holding ``OrthDionState`` / ``LowRankState`` (any
+      chain or partition of them; NNX ``Variable`` boxes are unwrapped).
+
+  Returns:
+    ``{path: MatrixDiagnostics}`` for every low-rank weight, each array with
+    the weight's batch shape. Cheap under jit: r x r work per matrix.
+  """
   paths, qs, captured, skipped = [], [], [], []
   for state in jax.tree.leaves(opt_state, is_leaf=_is_state):
     if not _is_state(state):
@@ -82,8 +89,8 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
     qs += [_array(q) for _, q in flat]
     captured += [_array(c) for c in jax.tree.leaves(state.captured_fraction)]
     skipped += [_array(s) for s in jax.tree.leaves(state.nonfinite_count)]
-  # A step that captured nothing had P = 0 (zero buffer, or no step yet):
-  # its update P Q^T is 0, whatever the kept warm start Q is.
+  # A step that captured nothing had P = 0 or was skipped (zero buffer, the
+  # guard, or no step yet): its update was 0, whatever the kept Q is.
   return {
       path: MatrixDiagnostics(nu=jnp.where(c > 0, nu, 0.0), rank=q.shape[-1],
                               captured_fraction=c, nonfinite_count=s)
@@ -94,9 +101,22 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
 def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
   """Scalars over all low-rank matrices: nu mean/max, captured mean, skips.
 
-  Keys: ``nu_mean``, ``nu_max``, ``captured_fraction_mean``,
-  ``nonfinite_skips`` (total matrix-steps skipped). Empty dict if the state
-  has no low-rank matrices.
+  Args:
+    opt_state: as in ``matrix_diagnostics``.
+
+  Returns:
+    ``nu_mean``, ``nu_max``, ``captured_fraction_mean`` and
+    ``nonfinite_skips`` (total matrix-steps skipped), as scalar arrays; an
+    empty dict if the state has no low-rank matrices.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from orth_dion_jax import orth_dion
+    >>> params = {"w": jnp.eye(8, 4)}
+    >>> tx = orth_dion(0.1)
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> round(float(diagnostics_summary(state)["nu_max"]), 4)
+    1.0
   """
   per_matrix = matrix_diagnostics(opt_state)
   if not per_matrix:

@@ -7,7 +7,7 @@ are the larger side (docs/design.md, "The step")::
     R = B^T P                  # (small, r)
     Q' = qr_pos(R)             # Orth-Dion: an exact rank-r partial isometry
     Q' = R / (|R|_col + eps)   # Dion: column normalization
-    update = P Q'^T;  feedback: B <- B - (1 - mu) P R^T
+    update = P Q'^T;  feedback: M <- B - (1 - mu) P R^T
 
 Here ``B`` is held in the layout view ``(batch, fan_in, fan_out)``
 (``matrix_view``) and never transposed or copied: each product contracts the
@@ -61,7 +61,7 @@ def _contract(b: Array, f: Array, axis: Literal["in", "out"]) -> Array:
 
   The (k x r) factor is cast to B's dtype, never B to the factor's, so that
   no weight-sized copy of B is made for the product. B is float32 whenever
-  there is a momentum (``transform._prepare``); a bfloat16 B is a bare
+  there is a momentum (``matrix_step._prepare``); a bfloat16 B is a bare
   bfloat16 gradient, met by a bfloat16 factor with float32 accumulation.
   """
   f = f.astype(b.dtype)
@@ -153,7 +153,8 @@ def power_iteration(
     key: PRNG key for randomized sketches, identical on all replicas.
 
   Returns:
-    ``LowRankFactors(P, R, Q')`` per task. An all-zero buffer gives ``P = 0``,
+    ``LowRankFactors`` per task: ``P``, ``R``, ``Q'`` and the 0/1 flag
+    ``moved`` (whether the buffer was nonzero). An all-zero buffer gives ``P = 0``,
     ``R = 0`` and keeps ``Q' = q`` (docs/design.md, "Zero buffers").
   """
   colls = [t.collectives for t in tasks]
@@ -205,7 +206,6 @@ def error_feedback(
     small_axis: Literal["in", "out"],
     residual_decay: float | Array,
     captured_decay: float | Array,
-    dtype=None,
 ) -> Array:
   """New momentum: the part of B the rank-r step missed, plus a decayed rest.
 
@@ -213,7 +213,8 @@ def error_feedback(
   The reference mu-form is ``(1, mu)``: ``M' = B - (1 - mu) P R^T``; the
   paper's analysed beta-form is ``(beta, 0)``: ``E' = beta (B - P P^T B)``.
   The decays may be per-matrix arrays broadcastable to ``(n, 1, 1)``.
-  Returned in ``dtype`` (default ``b``'s) and the layout view; written as
+  Returned in ``b``'s dtype and the layout view (the caller casts it to the
+  momentum's); written as
   ``a B - (a - c) moved P R^T`` so that ``B``'s buffer can be updated in place
   and ``P R^T`` is the only weight-sized temporary (the scalars join the
   elementwise pass).
@@ -221,7 +222,7 @@ def error_feedback(
   captured = outer(factors.left, factors.projected, small_axis)
   coefficient = (residual_decay - captured_decay) * factors.moved
   new = residual_decay * b.astype(jnp.float32) - coefficient * captured
-  return new.astype(dtype or b.dtype)
+  return new.astype(b.dtype)
 
 
 def largest_magnitude(b: Array, collectives: Collectives = SINGLE_DEVICE
@@ -253,7 +254,7 @@ def captured_fraction(b: Array, factors: LowRankFactors, b_max: Array,
 
   The share of the buffer's energy the rank-r approximation captured; 1 means
   nothing is left for the error feedback. 0 for an all-zero buffer. With
-  decoupled replicas, ``||B||_F^2`` is the replicas' mean. ``b_max`` is
+  compressed data parallelism, ``||B||_F^2`` is the replicas' mean. ``b_max`` is
   ``largest_magnitude(b)``: both sums are taken of entries scaled by it, so
   that they neither overflow nor underflow.
   """

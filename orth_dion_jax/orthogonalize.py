@@ -281,6 +281,15 @@ def orthonormalize(
 
   Returns:
     float32 array shaped like ``a``. All-zero columns stay finite.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.array([[2.0, 1.0], [0.0, -3.0], [0.0, 0.0]])
+    >>> q = orthonormalize(a, "householder")
+    >>> bool(jnp.allclose(q.T @ q, jnp.eye(2), atol=1e-6))
+    True
+    >>> bool(jnp.all(jnp.diag(q.T @ a) > 0))    # T's diagonal is positive
+    True
   """
   k, r = a.shape[-2:]
   [q] = orthonormalize_many([a.reshape(-1, k, r)], method, key=key, rows=rows)

@@ -5,9 +5,9 @@ Orth-Dion is for the linear maps between hidden spaces. By default
 (2-D, or ``2 + layer_axes``-D for layers stacked by ``nnx.scan`` /
 ``nnx.vmap``) and no component of its path names
 
-* an embedding table or the output head: ``embed`` anywhere in the name,
-  ``wte``, ``wpe``, ``head``, ``lm_head``, ``output_head``, names starting
-  with ``unembed``, ``logits`` or names starting with ``vocab``;
+* an embedding table or the output head: ``embed`` anywhere in the name
+  (``unembed`` included), ``wte``, ``wpe``, ``head``, ``lm_head``,
+  ``output_head``, ``logits``, or names starting with ``vocab``;
 * a norm or a bias: ``norm`` anywhere in the name, names starting with
   ``ln`` (``ln_1``, ``ln_f``), ``scale`` or ``bias``.
 
@@ -39,7 +39,7 @@ ADAM = "adam"
 
 # Names matched case-insensitively against each component of a leaf's path.
 _ADAM_BY_NAME = re.compile(
-    r"(embed|^wte$|^wpe$|^(lm_|output_)?head$|^unembed|^logits$|^vocab"
+    r"(embed|^wte$|^wpe$|^(lm_|output_)?head$|^logits$|^vocab"
     r"|norm|^ln|^scale$|^bias$)", re.IGNORECASE)
 
 

@@ -35,7 +35,7 @@ SpecEntry = Any   # None | str | tuple[str, ...]
 
 class LeafPlan(NamedTuple):
   """One weight's place on the mesh."""
-  weight_spec: PartitionSpec    # the weight's (and its gradient's)
+  weight_spec: PartitionSpec    # the weight's (its update's)
   collectives: Collectives
   right_factor_spec: PartitionSpec   # Q: batch..., small side, r
   batch_spec: PartitionSpec     # per-matrix scalars (captured fraction, ...)
@@ -43,6 +43,8 @@ class LeafPlan(NamedTuple):
 
   @property
   def momentum_spec(self) -> PartitionSpec:
+    """The momentum's and the gradient's: the weight's, behind a leading
+    replica axis over the data axis in compressed mode."""
     if self.compressed:
       return PartitionSpec(self.collectives.replicas.axes, *self.weight_spec)
     return self.weight_spec
@@ -112,23 +114,23 @@ def _group_axes(spec, dims: Sequence[int], what: str, path: str
   return _entry_axes(spec[leading])
 
 
-def compresses(matrix: MatrixView) -> bool:
+def compresses(view: MatrixView) -> bool:
   """Whether ``(m + n) r < m n``: the factors are smaller than the matrix."""
-  return (matrix.fan_in + matrix.fan_out) * matrix.rank < (
-      matrix.fan_in * matrix.fan_out)
+  return (view.fan_in + view.fan_out) * view.rank < (
+      view.fan_in * view.fan_out)
 
 
-def leaf_plan(matrix: MatrixView, spec: PartitionSpec | None,
+def leaf_plan(view: MatrixView, spec: PartitionSpec | None,
               mesh: jax.sharding.Mesh, data_axis: str | None) -> LeafPlan:
-  """The plan of one weight (``matrix``, global shapes) sharded by ``spec``."""
-  path, ndim = matrix.path, len(matrix.shape)
+  """The plan of one weight (``view``, global shapes) sharded by ``spec``."""
+  path, ndim = view.path, len(view.shape)
   entries = normalized_spec(spec, ndim, path)
-  _check_axes(entries, matrix.shape, mesh, path)
-  nb = len(matrix.batch_shape)
-  perm = matrix.permutation
+  _check_axes(entries, view.shape, mesh, path)
+  nb = len(view.batch_shape)
+  perm = view.permutation
   batch_dims = perm[:nb]
-  in_dims = perm[nb:nb + matrix.reduction_ndim]
-  out_dims = perm[nb + matrix.reduction_ndim:]
+  in_dims = perm[nb:nb + view.reduction_ndim]
+  out_dims = perm[nb + view.reduction_ndim:]
   in_axes = _group_axes(entries, in_dims, "fan-in", path)
   out_axes = _group_axes(entries, out_dims, "fan-out", path)
   compressed = False
@@ -140,10 +142,10 @@ def leaf_plan(matrix: MatrixView, spec: PartitionSpec | None,
           f"{path}: it is sharded over the data axis {data_axis!r}. With "
           "compressed data parallelism (data_axis=...) weights are replicated "
           "over the data axis; shard them over other mesh axes.")
-    compressed = compresses(matrix)
+    compressed = compresses(view)
     if compressed:
       replicas = AxisGroup((data_axis,))
-  small_in = matrix.small_axis == "in"
+  small_in = view.small_axis == "in"
   small_axes = in_axes if small_in else out_axes
   collectives = Collectives(
       big=AxisGroup(out_axes if small_in else in_axes),
@@ -158,8 +160,7 @@ def leaf_plan(matrix: MatrixView, spec: PartitionSpec | None,
 
 
 def has_auto_axes(mesh) -> bool:
-  auto = getattr(jax.sharding.AxisType, "Auto", None)
-  return any(t == auto for t in getattr(mesh, "axis_types", ()))
+  return any(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
 def replica_count(mesh: jax.sharding.Mesh, data_axis: str) -> int:

@@ -4,8 +4,9 @@ Two composable pieces share one per-matrix implementation
 (``matrix_step.step_matrices``):
 
 * ``scale_by_low_rank_orthogonalization(compressor)``: the low-rank step alone.
-  It maps each buffer ``B`` to ``s P Q^T`` and carries only the right factor
-  ``Q``. Chain it after any momentum (e.g. ``optax.trace``).
+  It maps each buffer ``B`` to ``s P Q^T`` and carries the right factor ``Q``
+  (with the per-matrix diagnostics), no momentum. Chain it after any
+  momentum (e.g. ``optax.trace``).
 * ``scale_by_error_feedback(compressor, ...)``: wraps the same compressor with
   Dion's momentum and error feedback ``M <- a (B - P R^T) + c P R^T``. With
   ``(a, c) = (1, mu)`` it is the reference mu-form (``scale_by_orth_dion``),
@@ -259,6 +260,18 @@ def scale_by_error_feedback(
   Returns:
     An ``optax.GradientTransformation`` with state ``OrthDionState``.
 
+  Example (the paper's beta-form, beta = 0.9)::
+
+    >>> import optax, jax.numpy as jnp
+    >>> from orth_dion_jax import LowRankCompressor
+    >>> tx = optax.chain(
+    ...     scale_by_error_feedback(LowRankCompressor(rank=2),
+    ...                             residual_decay=0.9, captured_decay=0.0),
+    ...     optax.scale_by_learning_rate(0.01))
+    >>> state = tx.init({"w": jnp.ones((8, 4))})
+    >>> state[0].momentum["w"].shape
+    (8, 4)
+
   References:
     Ahn et al., Dion, https://arxiv.org/abs/2504.05295
     Nakamori et al., Orth-Dion, https://arxiv.org/abs/2605.16341
@@ -289,6 +302,15 @@ def scale_by_orth_dion(**kwargs) -> optax.GradientTransformation:
 
   Returns:
     An ``optax.GradientTransformation`` with state ``OrthDionState``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.eye(8, 4)}
+    >>> tx = scale_by_orth_dion(rank=2, mu=0.9)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> # s P Q^T: r singular values equal to s = sqrt(fan_out / fan_in).
+    >>> [round(float(v), 4) for v in jnp.linalg.svd(updates["w"])[1][:3]]
+    [0.7071, 0.7071, 0.0]
 
   References:
     Nakamori et al., Orth-Dion, https://arxiv.org/abs/2605.16341
