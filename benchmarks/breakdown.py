@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 import orth_dion_jax
 from benchmarks import workload
-from orth_dion_jax.orthogonalize import METHODS
+from orth_dion_jax import ORTHOGONALIZE_METHODS as METHODS
 from orth_dion_jax.orthogonalize import orthonormalize_many
 
 DEFAULT_METHOD = inspect.signature(

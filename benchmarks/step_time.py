@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from benchmarks import memory
 from benchmarks import workload
-from orth_dion_jax.orthogonalize import METHODS
+from orth_dion_jax import ORTHOGONALIZE_METHODS as METHODS
 
 ROOFLINE = "roofline"
 _FULL_RANK = ("muon", "adamw")

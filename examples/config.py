@@ -11,6 +11,7 @@ import os
 import pathlib
 from typing import Any, Sequence
 
+import orth_dion_jax
 from examples import cli
 from examples import data as data_lib
 from examples.cli import integer, number, setting
@@ -18,7 +19,7 @@ from examples.model import VOCAB_SIZE, ModelConfig
 
 OPTIMIZERS = ("orth_dion", "dion", "muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
-QR_METHODS = ("cholesky_qr", "householder", "randomized_cholesky_qr")
+QR_METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
 # Peak learning rates for the default model and budget (the centre of compare.py's sweep grid).
 DEFAULT_LEARNING_RATES = {"orth_dion": 0.04, "dion": 0.04, "muon": 0.04, "adamw": 0.008}
 _POSITIVE = integer(1)

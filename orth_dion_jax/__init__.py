@@ -17,7 +17,8 @@ partial isometry. Public API:
 * diagnostics: ``diagnostics_summary``, ``matrix_diagnostics``
   (``MatrixDiagnostics``); the bytes a
   compiled step moves: the ``communication`` module;
-* the sign-safe QR itself: ``orthonormalize``.
+* the sign-safe QR itself: ``orthonormalize``, and the names of its
+  methods, ``ORTHOGONALIZE_METHODS`` (the ``orthogonalize`` setting's choices).
 
 docs/design.md maps the modules behind them.
 """
@@ -35,6 +36,7 @@ from orth_dion_jax.diagnostics import diagnostics_summary
 from orth_dion_jax.diagnostics import matrix_diagnostics
 from orth_dion_jax.matrix_view import DionDimensionNumbers
 from orth_dion_jax.nonfinite import ScheduleGuardState
+from orth_dion_jax.orthogonalize import METHODS as ORTHOGONALIZE_METHODS
 from orth_dion_jax.orthogonalize import orthonormalize
 from orth_dion_jax.routing import LeafRoute
 from orth_dion_jax.routing import RoutingSummary
@@ -50,7 +52,7 @@ from orth_dion_jax.settings import STATIC_ARGS
 __version__ = "0.1.0"
 
 __all__ = [
-    "DionDimensionNumbers", "LeafRoute", "LowRankCompressor", "LowRankState",
+    "DionDimensionNumbers", "LeafRoute", "ORTHOGONALIZE_METHODS", "LowRankCompressor", "LowRankState",
     "MatrixDiagnostics", "OrthDionState", "ReplicaMomenta", "RoutingSummary",
     "STATIC_ARGS", "ScheduleGuardState", "average_replica_momenta",
     "average_replicas", "communication", "default_param_labels",

@@ -87,7 +87,7 @@ BETA = 0.9  # beta-form residual decay, as in the README's recipe
 SEED = 0
 
 RIGHT_FACTORS = {"orth_dion": "qr", "dion": "column"}
-METHODS = ("cholesky_qr", "householder", "randomized_cholesky_qr")
+METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
 FORMS = ("mu", "beta")
 MESH_AXES = ("data", "fsdp", "tensor")
 # (data, fsdp, tensor) mesh shape of each placement.

@@ -23,7 +23,7 @@ from core_helpers import kernel_tree
 SHAPES = {"tall": (16, 48), "wide": (48, 16)}   # Flax (fan_in, fan_out)
 RANK = 4
 STEPS = 10
-METHODS = ("householder", "cholesky_qr", "randomized_cholesky_qr")
+METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
 
 
 def _directions(right_factor: str):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import orth_dion_jax
 import reference
 
-METHODS = ("householder", "cholesky_qr", "randomized_cholesky_qr")
+METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
 # Every example compiles a step for a new shape: keep the count small.
 FEW = settings(max_examples=6, deadline=None, derandomize=True)
 

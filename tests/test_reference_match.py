@@ -21,7 +21,7 @@ from core_helpers import alias_for
 from core_helpers import run_against_reference
 
 STEPS = 10
-METHODS = ("householder", "cholesky_qr", "randomized_cholesky_qr")
+METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
 RIGHT_FACTORS = ("qr", "column")
 
 # With rank_fraction 0.25: r = 4, 4, 6 and 1.
