@@ -196,13 +196,20 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh,
     tx = (make_optimizer(config) if mesh.size == 1 else
           make_optimizer(config, mesh, partition_specs(nnx.state(model, nnx.Param))))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  # Step counts and hyperparameters come out of init on one device (a checkpoint restored onto
-  # them would pin them there): replicate them. Moments and factors are on the mesh already.
+  replicate_unplaced_state(optimizer, mesh)
+  return model, optimizer
+
+
+def replicate_unplaced_state(optimizer: nnx.Optimizer, mesh: jax.sharding.Mesh) -> None:
+  """Replicates over `mesh` the optimizer state that init left on one device.
+
+  Step counts and hyperparameters come out of init on one device (a checkpoint restored onto
+  them would pin them there); moments and factors are on the mesh already.
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
   nnx.update(optimizer, jax.tree.map(
       lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
       nnx.as_pure(nnx.state(optimizer))))
-  return model, optimizer
 
 
 def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = None,

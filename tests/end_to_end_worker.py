@@ -70,6 +70,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=wrong-i
 import orth_dion_jax  # pylint: disable=wrong-import-position
 from examples import data as data_lib  # pylint: disable=wrong-import-position
 from examples import model as model_lib  # pylint: disable=wrong-import-position
+from examples.train import replicate_unplaced_state  # pylint: disable=wrong-import-position
 
 VOCAB_SIZE = 256  # bytes
 STEPS = 40
@@ -227,11 +228,7 @@ def build(optimizer: str, method: str, form: str, mesh: jax.sharding.Mesh,
   tx = make_optimizer(optimizer, method, form, mesh if on_mesh else None, specs,
                       "data" if data_parallel else None)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  # Counters and hyperparameters come out of init on one device: replicate them over the mesh.
-  replicated = NamedSharding(mesh, PartitionSpec())
-  nnx.update(opt, jax.tree.map(
-      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-      nnx.as_pure(nnx.state(opt))))
+  replicate_unplaced_state(opt, mesh)
   return model, opt
 
 
