@@ -232,6 +232,7 @@ def accepts(*groups: type, omit: dict[str, str] | None = None) -> Callable:
   maps each left-out setting to what the error for it says instead.
   """
   omit = omit or {}
+
   def decorate(fn: Callable) -> Callable:
     fields = _fields(groups, omit)
     own = [p for p in inspect.signature(fn).parameters.values()
