@@ -34,7 +34,9 @@ A training configuration is named ``OPTIMIZER-METHOD-FORM-PLACEMENT``:
 Each runs ``STEPS`` jitted train steps. The name ``householder_four_layers`` instead runs
 ``orth_dion(..., orthogonalize="householder")`` on four layers of (128, 384), (128, 128),
 (128, 512) and (512, 128) weights (a dict of 16 kernels) with random gradients for
-``HOUSEHOLDER_STEPS`` jitted updates.
+``HOUSEHOLDER_STEPS`` jitted updates. The name ``stacked_layers_inferred_mesh`` trains a scanned
+stack of MLP layers, sharded over a 2 x 2 Explicit mesh, with ``orth_dion(lr, layer_axes=1)`` and
+no ``mesh=``, for ``STACKED_STEPS`` steps.
 
 Stdout carries one JSON object a line, flushed as it happens:
 ``{"event": "start", "config": name}`` before a configuration is built;
@@ -98,6 +100,9 @@ HOUSEHOLDER = "householder_four_layers"
 HOUSEHOLDER_LAYERS = 4
 HOUSEHOLDER_SHAPES = ((128, 384), (128, 128), (128, 512), (512, 128))  # each layer's
 HOUSEHOLDER_STEPS = 10
+# Layers stacked on a leading axis (scan), sharded over an Explicit mesh the optimizer is not told.
+STACKED = "stacked_layers_inferred_mesh"
+STACKED_LAYERS, STACKED_WIDTH, STACKED_STEPS = 3, 32, 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +334,57 @@ def householder_four_layers(name: str) -> dict:
           "train_s": round(time.perf_counter() - start - compile_s, 2)}
 
 
+def stacked_layers_inferred_mesh(name: str) -> dict:
+  """orth_dion(layer_axes=1) without mesh=: a scanned MLP stack on a 2 x 2 Explicit mesh."""
+  mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"), devices=jax.devices()[:4])
+  layers, d = STACKED_LAYERS, STACKED_WIDTH
+  keys = jax.random.split(jax.random.key(SEED), 4)
+  params = {"up": jax.random.normal(keys[0], (layers, d, 2 * d)) / math.sqrt(d),
+            "down": jax.random.normal(keys[1], (layers, 2 * d, d)) / math.sqrt(2 * d),
+            "norm": {"scale": jnp.ones((layers, d))}}
+  specs = {"up": PartitionSpec(None, "fsdp", "tensor"), "down": PartitionSpec(None, None, "fsdp"),
+           "norm": {"scale": PartitionSpec()}}
+  inputs = jax.random.normal(keys[2], (64, d))
+  targets = jnp.tanh(inputs @ jax.random.normal(keys[3], (d, d)))
+
+  def loss_fn(params):
+    def layer(h, w):
+      out = jax.nn.gelu((h * w["norm"]["scale"]) @ w["up"]) @ w["down"]
+      return h + jax.sharding.reshard(out, PartitionSpec()), None
+    h, _ = jax.lax.scan(layer, inputs, params)
+    return jnp.mean((h - targets) ** 2)
+
+  tx = orth_dion_jax.orth_dion(0.02, layer_axes=1)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    state = tx.init(params)
+    start = time.perf_counter()
+    compile_s = math.nan
+    losses = []
+    for i in range(1, STACKED_STEPS + 1):
+      params, state, loss = step(params, state)
+      losses.append(float(loss))  # waits for the step
+      elapsed = time.perf_counter() - start
+      if i == 1:
+        compile_s = elapsed
+      emit("step", name, step=i, loss=losses[-1], elapsed_s=round(elapsed, 2))
+  # The sharded step ran: each layer's right factor is split like the kernel's fan-in.
+  factor = optax.tree.get(state, "right_factor")["up"]
+  assert factor.shape == (layers, d, d // 4) and factor.sharding.spec[1] == "fsdp", factor.sharding
+  losses = np.asarray(losses)
+  return {"first_loss": float(losses[:WINDOW].mean()), "last_loss": float(losses[-WINDOW:].mean()),
+          "finite": bool(np.isfinite(losses).all()) and all_finite(params), "steps": len(losses),
+          "compile_s": round(compile_s, 2),
+          "train_s": round(time.perf_counter() - start - compile_s, 2)}
+
+
 def main(names: list[str]) -> None:
   corpus = None
   for name in names:
@@ -337,6 +393,8 @@ def main(names: list[str]) -> None:
     try:
       if name == HOUSEHOLDER:
         result = householder_four_layers(name)
+      elif name == STACKED:
+        result = stacked_layers_inferred_mesh(name)
       else:
         if corpus is None:
           corpus, _ = data_lib.load_corpus(max_bytes=MAX_BYTES)

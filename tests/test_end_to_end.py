@@ -11,7 +11,10 @@ and so does compressed data parallelism over a "data" axis of 2 for each optimiz
 configuration is its own test and must finish, keep every loss and parameter finite, and bring the
 mean loss of its last 5 steps at least ``LOSS_DROP`` nats below that of its first 5. A last test
 runs ``orth_dion(..., orthogonalize="householder")`` on four layers of (128 x 384, 128 x 128,
-128 x 512, 512 x 128) weights with random gradients for 10 jitted updates.
+128 x 512, 512 x 128) weights with random gradients for 10 jitted updates. And the first-use
+placement: a scanned MLP stack, kernels (layers, fan_in, fan_out) sharded over a 2 x 2 mesh with
+Explicit axes, trained by ``orth_dion(lr, layer_axes=1)`` without ``mesh=`` (the mesh is read from
+the parameters), must lower its loss the same way.
 
 Each group of configurations runs in one subprocess (sharing JAX's start-up) under a watchdog, in
 the environment a user has: JAX on CPU, ``OPENBLAS_NUM_THREADS`` unset, one device for the
@@ -60,6 +63,7 @@ OPTIMIZERS = ("orth_dion", "dion")
 METHODS = ("cholesky_qr", "householder", "randomized_cholesky_qr")
 FORMS = ("mu", "beta")
 HOUSEHOLDER = "householder_four_layers"
+STACKED = "stacked_layers_inferred_mesh"  # layer_axes=1, mesh read from the parameters
 
 
 def _group(optimizer: str, placement: str) -> list[str]:
@@ -75,6 +79,7 @@ GROUPS = {
     "dion-single": (1, _group("dion", "single")),
     "data-parallel": (4, [f"{optimizer}-cholesky_qr-mu-dp" for optimizer in OPTIMIZERS]),
     "householder": (1, [HOUSEHOLDER]),
+    "stacked": (4, [STACKED]),
 }
 GROUP_OF = {config: group for group, (_, configs) in GROUPS.items() for config in configs}
 TRAINING_CONFIGS = [config for config in GROUP_OF if config != HOUSEHOLDER]
