@@ -35,9 +35,10 @@ _GROUPS = (LowRankCompressor, ErrorFeedback, MatrixAxes, Placement,
 
 
 def _low_rank_and_adamw(fn, learning_rate, kwargs: dict[str, Any], *,
-                        right_factor: str) -> optax.GradientTransformation:
+                        fixed: dict[str, Any] | None = None
+                        ) -> optax.GradientTransformation:
   validation.check_nonnegative("learning_rate", learning_rate)
-  given = settings.parse(fn, kwargs, fixed={"right_factor": right_factor})
+  given = settings.parse(fn, kwargs, fixed=fixed)
   feedback, axes = given[ErrorFeedback], given[MatrixAxes]
   placement, other = given[Placement], given[OtherLeaves]
   low_rank_chain = optax.chain(
@@ -66,13 +67,13 @@ def _low_rank_and_adamw(fn, learning_rate, kwargs: dict[str, Any], *,
                     and other.param_labels is None else None))
 
 
-# The aliases differ only in the right factor, which each fixes.
-_FIXED = {"right_factor": "orth_dion fixes the QR right factor and dion the "
-                          "column-normalized one; use scale_by_orth_dion to "
-                          "choose"}
+# The aliases differ only in the right factor: dion fixes Dion's.
+_DION_FIXED = {"right_factor": "dion fixes the column-normalized right "
+                               "factor; orth_dion takes right_factor='qr' or "
+                               "'polar'"}
 
 
-@settings.accepts(*_GROUPS, omit=_FIXED)
+@settings.accepts(*_GROUPS)
 def orth_dion(learning_rate: optax.ScalarOrSchedule,
               **kwargs) -> optax.GradientTransformation:
   r"""Orth-Dion: low-rank orthonormalized updates for matrices, AdamW elsewhere.
@@ -124,11 +125,13 @@ def orth_dion(learning_rate: optax.ScalarOrSchedule,
     Ahn et al., Dion: Distributed Orthonormalized Updates,
     https://arxiv.org/abs/2504.05295
   """
-  return _low_rank_and_adamw(orth_dion, learning_rate, kwargs,
-                             right_factor="qr")
+  if kwargs.get("right_factor") == "column":
+    raise TypeError("orth_dion(right_factor='column') would be Dion: use "
+                    "dion(...), or right_factor='qr' or 'polar'.")
+  return _low_rank_and_adamw(orth_dion, learning_rate, kwargs)
 
 
-@settings.accepts(*_GROUPS, omit=_FIXED)
+@settings.accepts(*_GROUPS, omit=_DION_FIXED)
 def dion(learning_rate: optax.ScalarOrSchedule,
          **kwargs) -> optax.GradientTransformation:
   r"""Dion: ``orth_dion`` with the column-normalized right factor.
@@ -156,10 +159,10 @@ def dion(learning_rate: optax.ScalarOrSchedule,
     https://arxiv.org/abs/2504.05295
   """
   return _low_rank_and_adamw(dion, learning_rate, kwargs,
-                             right_factor="column")
+                             fixed={"right_factor": "column"})
 
 
-@settings.accepts(*_GROUPS, omit=_FIXED)
+@settings.accepts(*_GROUPS)
 def routing_summary(params: Any, **kwargs) -> routing.RoutingSummary:
   """Where ``orth_dion`` / ``dion`` with these settings send each leaf.
 
@@ -176,7 +179,7 @@ def routing_summary(params: Any, **kwargs) -> routing.RoutingSummary:
     >>> [(r.path, r.route, r.rank) for r in summary]
     [("['bias']", 'adam', None), ("['w']", 'low_rank', 8)]
   """
-  given = settings.parse(routing_summary, kwargs, fixed={"right_factor": "qr"})
+  given = settings.parse(routing_summary, kwargs)
   axes, other = given[MatrixAxes], given[OtherLeaves]
   params = nnx_interop.unboxed(params)
   labels = routing.labels_fn(axes.weight_dimension_numbers,

@@ -6,6 +6,16 @@ with no extra work in the optimizer step. Orth-Dion gives nu = 1 (Q is
 orthonormal), Dion nu in [1, sqrt(r)] (its columns only have unit norm); a
 matrix whose last step moved nothing (a zero buffer, a skipped step, or no
 step yet) reports nu = 0 and captured fraction 0.
+
+The alignment is ``<B, P Q^T> / (nu ||P^T B||_*)``, the step's inner product
+with the buffer against the largest any update ``P Q^T`` of spectral norm nu
+can have (Hoelder: ``<B, P Q^T> = <P^T B, Q^T> <= ||Q||_op ||P^T B||_*``).
+It is 1 exactly for the polar right factor (``P Q^T = polar(P P^T B)``),
+``trace(T) / ||T||_*`` for the QR one (``R = Q T``) and below 1 for Dion.
+The step computes ``<B, P Q^T> / ||P^T B||_*`` from ``r x r`` quantities
+(``low_rank.alignment``) and keeps it in the state; dividing by nu here makes
+Dion's figure comparable (its undivided ratio can exceed 1, as its spectral
+norm does).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ class MatrixDiagnostics(NamedTuple):
   nu: Array                 # ||P Q^T||_op of the last step
   rank: int                 # r in use
   captured_fraction: Array  # ||P R^T||_F^2 / ||B||_F^2 of the last step
+  alignment: Array          # <B, P Q^T> / (nu ||P^T B||_*) of the last step
   nonfinite_count: Array    # steps skipped by the non-finite guard (a bad
                             # gradient, schedule, buffer or factor, an
                             # overflowing momentum, a repaired Q)
@@ -80,7 +91,7 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
     ``{path: MatrixDiagnostics}`` for every low-rank weight, each array with
     the weight's batch shape. Cheap under jit: r x r work per matrix.
   """
-  paths, qs, captured, skipped = [], [], [], []
+  paths, qs, captured, aligned, skipped = [], [], [], [], []
   for state in jax.tree.leaves(opt_state, is_leaf=_is_state):
     if not _is_state(state):
       continue
@@ -88,26 +99,31 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
     paths += [jax.tree_util.keystr(path) for path, _ in flat]
     qs += [_array(q) for _, q in flat]
     captured += [_array(c) for c in jax.tree.leaves(state.captured_fraction)]
+    aligned += [_array(a) for a in jax.tree.leaves(state.alignment)]
     skipped += [_array(s) for s in jax.tree.leaves(state.nonfinite_count)]
   # A step that captured nothing had P = 0 or was skipped (zero buffer, the
   # guard, or no step yet): its update was 0, whatever the kept Q is.
   return {
-      path: MatrixDiagnostics(nu=jnp.where(c > 0, nu, 0.0), rank=q.shape[-1],
-                              captured_fraction=c, nonfinite_count=s)
-      for path, q, nu, c, s in zip(paths, qs, _spectral_norms(qs), captured,
-                                   skipped)}
+      path: MatrixDiagnostics(
+          nu=jnp.where(c > 0, nu, 0.0), rank=q.shape[-1],
+          captured_fraction=c,
+          alignment=jnp.where(c > 0, a / jnp.where(nu > 0, nu, 1.0), 0.0),
+          nonfinite_count=s)
+      for path, q, nu, c, a, s in zip(paths, qs, _spectral_norms(qs),
+                                      captured, aligned, skipped)}
 
 
 def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
-  """Scalars over all low-rank matrices: nu mean/max, captured mean, skips.
+  """Scalars over all low-rank matrices: nu, alignment, captured, skips.
 
   Args:
     opt_state: as in ``matrix_diagnostics``.
 
   Returns:
-    ``nu_mean``, ``nu_max``, ``captured_fraction_mean`` and
-    ``nonfinite_skips`` (total matrix-steps skipped), as scalar arrays; an
-    empty dict if the state has no low-rank matrices.
+    ``nu_mean``, ``nu_max``, ``alignment_mean``, ``alignment_min``,
+    ``captured_fraction_mean`` and ``nonfinite_skips`` (total matrix-steps
+    skipped), as scalar arrays; an empty dict if the state has no low-rank
+    matrices. The alignment is taken over the matrices that stepped.
 
   Example:
     >>> import jax.numpy as jnp
@@ -124,11 +140,17 @@ def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
   # Reduced leaf by leaf, then combined: leaves split over different mesh
   # axes (an Explicit mesh) cannot be concatenated, their scalars can.
   matrices = sum(d.nu.size for d in per_matrix.values())
+  stepped = sum(jnp.sum(d.captured_fraction > 0) for d in per_matrix.values())
   over = lambda reduce, field: [reduce(getattr(d, field))
                                 for d in per_matrix.values()]
   return {
       "nu_mean": sum(over(jnp.sum, "nu")) / matrices,
       "nu_max": functools.reduce(jnp.maximum, over(jnp.max, "nu")),
+      "alignment_mean": sum(over(jnp.sum, "alignment")) / jnp.maximum(
+          stepped, 1),
+      "alignment_min": functools.reduce(jnp.minimum, [
+          jnp.min(jnp.where(d.captured_fraction > 0, d.alignment, 1.0))
+          for d in per_matrix.values()]),
       "captured_fraction_mean": sum(over(jnp.sum, "captured_fraction"))
                                 / matrices,
       "nonfinite_skips": sum(over(jnp.sum, "nonfinite_count")),

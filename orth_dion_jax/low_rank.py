@@ -6,6 +6,7 @@ are the larger side (docs/design.md, "The step")::
     P = orth(B Q)              # (big, r), orthonormal columns
     R = B^T P                  # (small, r)
     Q' = qr_pos(R)             # Orth-Dion: an exact rank-r partial isometry
+    Q' = polar(R)              # its polar variant: P Q'^T = polar(P P^T B)
     Q' = R / (|R|_col + eps)   # Dion: column normalization
     update = P Q'^T;  feedback: M <- B - (1 - mu) P R^T
 
@@ -35,10 +36,12 @@ import jax
 import jax.numpy as jnp
 
 from orth_dion_jax import orthogonalize as orth
+from orth_dion_jax import polar
 from orth_dion_jax.collectives import Collectives, SINGLE_DEVICE
+from orth_dion_jax.lapack_calls import per_matrix
 
 Array = jax.Array
-RightFactor = Literal["qr", "column"]
+RightFactor = Literal["qr", "polar", "column"]
 RIGHT_FACTORS = typing.get_args(RightFactor)
 
 
@@ -110,7 +113,7 @@ def _grouped_orthonormalize(
     eps,
     key: Array,
 ) -> list[Array]:
-  """Orthonormalizes (or column-normalizes) a list of (n, k, r) factors.
+  """Orthonormalizes (QR, polar, or column-normalizes) (n, k, r) factors.
 
   Factors of the same r and the same collectives are done together
   (``orthogonalize.orthonormalize_many``): one batched Cholesky / inverse for
@@ -124,9 +127,11 @@ def _grouped_orthonormalize(
   groups: dict[tuple, list[int]] = {}
   for i, (a, c) in enumerate(zip(arrays, collectives)):
     groups.setdefault((a.shape[-1], c), []).append(i)
+  orthonormalize_many = (polar.polar_many if right_factor == "polar"
+                         else orth.orthonormalize_many)
   out: list[Array | None] = [None] * len(arrays)
   for g, members in enumerate(groups.values()):
-    results = orth.orthonormalize_many(
+    results = orthonormalize_many(
         [arrays[i] for i in members], method, key=jax.random.fold_in(key, g),
         rows=rows[members[0]])
     for i, q in zip(members, results):
@@ -266,3 +271,30 @@ def captured_fraction(b: Array, factors: LowRankFactors, b_max: Array,
       jnp.square(factors.projected / scale), axis=(-2, -1)))
   kept = kept * factors.moved.reshape(kept.shape)
   return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def alignment(factors: LowRankFactors,
+              collectives: Collectives = SINGLE_DEVICE) -> Array:
+  """``<B, P Q'^T> / ||P^T B||_*`` per matrix, (n,) float32, from ``r x r``
+  quantities.
+
+  ``<B, P Q'^T> = trace(Q'^T R)`` and ``||P^T B||_* = ||R||_*``, the sum of
+  the square roots of the eigenvalues of the ``r x r`` Gram ``R^T R``: no
+  weight-sized work, and under sharding only a scalar and an ``r x r`` sum.
+  Any update ``P Q^T`` with ``||Q||_op <= 1`` has alignment at most 1; the
+  polar right factor attains it, the QR one reaches ``trace(T) / ||T||_*``.
+  Dion's ``||Q||_op`` (nu) exceeds 1 and so can this ratio
+  (``diagnostics`` divides by nu). 0 for an all-zero ``R``.
+  """
+  rows = collectives.small
+  r = factors.projected
+  largest = rows.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
+  # Both terms are homogeneous in R: scaling it by its largest magnitude
+  # keeps the Gram finite and changes nothing else.
+  r = r / jnp.where(largest > 0, largest, 1.0)[:, None, None]
+  inner = rows.sum(jnp.sum(factors.right * r, axis=(-2, -1)))
+  gram = rows.sum(jnp.einsum("nkr,nks->nrs", r, r))
+  eigenvalues = per_matrix(jnp.linalg.eigvalsh, gram)
+  nuclear = jnp.sum(jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), axis=-1)
+  return jnp.where(nuclear > 0, inner / jnp.where(nuclear > 0, nuclear, 1.0),
+                   0.0)

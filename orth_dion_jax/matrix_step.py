@@ -54,6 +54,7 @@ class MatrixStep(NamedTuple):
   momentum: Array | None       # like the weight, the momentum's dtype
   right_factor: Array          # batch + (small, r), float32
   captured_fraction: Array     # batch shape, float32
+  alignment: Array             # batch shape, float32
   nonfinite_count: Array       # batch shape, int32
 
 
@@ -190,14 +191,15 @@ def _finish(
             b, factors, small_axis=view.small_axis,
             residual_decay=residual_decay, captured_decay=captured_decay),
         0.0).astype(momentum_dtype))
-  captured = jnp.where(
-      step[:, 0, 0],
-      low_rank.captured_fraction(b, factors, b_max, collectives), 0.0)
+  taken = lambda value: jnp.where(step[:, 0, 0], value, 0.0).reshape(
+      view.batch_shape)
   return MatrixStep(
       update=view.from_layout(update),
       momentum=new_m,
       right_factor=new_q,
-      captured_fraction=captured.reshape(view.batch_shape),
+      captured_fraction=taken(
+          low_rank.captured_fraction(b, factors, b_max, collectives)),
+      alignment=taken(low_rank.alignment(factors, collectives)),
       # A repaired right factor counts as a non-finite event too.
       nonfinite_count=nonfinite_count + (~(step[:, 0, 0] & q_finite)).reshape(
           view.batch_shape).astype(jnp.int32),

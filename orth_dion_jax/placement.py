@@ -227,7 +227,8 @@ def sharded_step(step: Callable[[Sequence[Collectives], StepInputs],
 
   out_specs = [
       MatrixStep(update=p.weight_spec, momentum=m, right_factor=q,
-                 captured_fraction=p.batch_spec, nonfinite_count=p.batch_spec)
+                 captured_fraction=p.batch_spec, alignment=p.batch_spec,
+                 nonfinite_count=p.batch_spec)
       for p, m, q in zip(plans, specs.momenta, specs.right_factors)]
   results = jax.shard_map(local, mesh=mesh, in_specs=(specs,),
                           out_specs=out_specs, check_vma=False)(inputs)

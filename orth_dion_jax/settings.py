@@ -10,7 +10,8 @@ default, and a setting added or changed here reaches every function that
 uses its group. The groups:
 
 * ``LowRankCompressor``: the low-rank step (rank, right factor, method, ...);
-* ``ErrorFeedback``: Dion's momentum around it (mu, momentum dtype);
+* ``ErrorFeedback``: Dion's momentum around it (its form, mu or beta,
+  momentum dtype);
 * ``MatrixAxes``: which axes of each weight are its matrix and which stack
   layers;
 * ``Placement``: the mesh the weights are sharded over, compressed data
@@ -20,7 +21,8 @@ uses its group. The groups:
 
 A function that fixes a setting (``dion`` always uses the column-normalized
 right factor) leaves it out of its signature: ``dion(right_factor="qr")`` is a
-``TypeError``, not a silent Orth-Dion.
+``TypeError``, not a silent Orth-Dion. A setting that belongs to a choice
+the user did not make (``beta`` with the mu-form) is an error, not ignored.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import dataclasses
 import difflib
 import inspect
 import textwrap
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +67,9 @@ class LowRankCompressor:
       1, "the r from rank_fraction is rounded up to a multiple of this (an "
       "explicit rank is used as given).", static=True)
   right_factor: low_rank.RightFactor = _setting(
-      "qr", '"qr" (Orth-Dion: sign-safe QR) or "column" (Dion: column '
-      "normalization).")
+      "qr", '"qr" (Orth-Dion: sign-safe QR), "polar" (the exact rank-r '
+      "polar factor: the update is polar(P P^T B)) or \"column\" (Dion: "
+      "column normalization).")
   orthogonalize: orthogonalize.Method = _setting(
       "cholesky_qr", " | ".join(f'"{m}"' for m in orthogonalize.METHODS)
       + ": how P and the QR right factor are orthonormalized "
@@ -108,26 +112,54 @@ class LowRankCompressor:
         rank_multiple_of=self.rank_multiple_of, scale=self.scale)
 
 
+ErrorFeedbackForm = Literal["mu", "beta"]
+ERROR_FEEDBACK_FORMS = typing.get_args(ErrorFeedbackForm)
+# mu and beta when not given (the reference's mu; the paper states no beta).
+_DEFAULT_DECAY = 0.95
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ErrorFeedback:
   """Dion's momentum with error feedback around the low-rank step."""
-  mu: ScalarOrSchedule = _setting(
-      0.95, "error-feedback decay of the captured part, in [0, 1) (float or "
-      "schedule).")
+  error_feedback: ErrorFeedbackForm = _setting(
+      "mu", '"mu" (the reference form: B = M + G, M <- B - (1 - mu) P R^T) '
+      'or "beta" (the paper\'s: B = G + E, E <- beta (B - P R^T), nothing '
+      "of the captured part carried).", static=True)
+  mu: ScalarOrSchedule | None = _setting(
+      None, "mu-form: decay of the captured part, in [0, 1) (float or "
+      f"schedule). None: {_DEFAULT_DECAY}.")
+  beta: ScalarOrSchedule | None = _setting(
+      None, "beta-form: decay of the residual, in [0, 1] (float or "
+      f"schedule). None: {_DEFAULT_DECAY}.")
   momentum_dtype: Any = _setting(
       None, "dtype of the momentum, e.g. jnp.bfloat16 (None: the "
       "parameter's); the factorizations run in float32 regardless.",
       static=True)
 
   def __post_init__(self):
-    validation.check_unit_interval("mu", self.mu, closed_right=False)
+    validation.check_choice("error_feedback", self.error_feedback,
+                            ERROR_FEEDBACK_FORMS)
+    # A decay of the other form would be ignored: say so instead.
+    unused = "beta" if self.error_feedback == "mu" else "mu"
+    if getattr(self, unused) is not None:
+      raise ValueError(
+          f"{unused} applies to error_feedback={unused!r}; with "
+          f"error_feedback={self.error_feedback!r} give "
+          f"{'mu' if unused == 'beta' else 'beta'} instead.")
+    if self.mu is not None:
+      validation.check_unit_interval("mu", self.mu, closed_right=False)
+    if self.beta is not None:
+      validation.check_unit_interval("beta", self.beta, closed_right=True)
     validation.check_float_dtype("momentum_dtype", self.momentum_dtype)
 
   @property
   def decays(self) -> tuple[ScalarOrSchedule, ScalarOrSchedule]:
     """``(residual_decay, captured_decay)`` of ``scale_by_error_feedback``:
-    the mu-form keeps the residual whole and decays the captured part."""
-    return (1.0, self.mu)
+    the mu-form keeps the residual whole and decays the captured part by mu;
+    the beta-form decays the residual by beta and drops the captured part."""
+    if self.error_feedback == "beta":
+      return (_DEFAULT_DECAY if self.beta is None else self.beta, 0.0)
+    return (1.0, _DEFAULT_DECAY if self.mu is None else self.mu)
 
   @property
   def dtype(self) -> jnp.dtype | None:

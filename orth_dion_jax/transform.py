@@ -48,6 +48,8 @@ class LowRankState(NamedTuple):
   count: Array                # (), int32: steps taken
   right_factor: optax.Updates  # per matrix: batch + (min(fan_in, fan_out), r), f32
   captured_fraction: optax.Updates  # per matrix: batch shape, f32
+  alignment: optax.Updates    # per matrix: batch shape, f32,
+                              # <B, P Q^T> / ||P^T B||_* of the last step
   nonfinite_count: optax.Updates    # per matrix: batch shape, int32 skipped steps
 
 
@@ -58,6 +60,8 @@ class OrthDionState(NamedTuple):
                               # ReplicaMomenta leaves in compressed mode
   right_factor: optax.Updates  # per matrix: batch + (min(fan_in, fan_out), r), f32
   captured_fraction: optax.Updates  # per matrix: batch shape, f32
+  alignment: optax.Updates    # per matrix: batch shape, f32,
+                              # <B, P Q^T> / ||P^T B||_* of the last step
   nonfinite_count: optax.Updates    # per matrix: batch shape, int32 skipped steps
 
 
@@ -124,6 +128,7 @@ def low_rank_transformation(
                                            v.right_factor_shape, jnp.float32),
             lambda p: p.right_factor_spec),
         captured_fraction=batch_zeros(jnp.float32),
+        alignment=batch_zeros(jnp.float32),
         nonfinite_count=batch_zeros(jnp.int32),
     )
     if feedback is None:
@@ -184,6 +189,7 @@ def low_rank_transformation(
         count=optax.safe_increment(count),
         right_factor=unflatten([r.right_factor for r in results]),
         captured_fraction=unflatten([r.captured_fraction for r in results]),
+        alignment=unflatten([r.alignment for r in results]),
         nonfinite_count=unflatten([r.nonfinite_count for r in results]))
     if feedback is None:
       new_state = LowRankState(**fields)
@@ -233,7 +239,8 @@ def scale_by_low_rank_orthogonalization(
 
 
 @settings.accepts(ErrorFeedback, MatrixAxes, Placement, omit={
-    "mu": "give captured_decay (and residual_decay) instead"})
+    name: "give residual_decay and captured_decay instead"
+    for name in ("error_feedback", "mu", "beta")})
 def scale_by_error_feedback(
     compressor: LowRankCompressor | None = None,
     *,
