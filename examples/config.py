@@ -20,6 +20,7 @@ from examples.model import VOCAB_SIZE, ModelConfig
 OPTIMIZERS = ("orth_dion", "dion", "muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
 QR_METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
+ORTH_DION_RIGHT_FACTORS = ("qr", "polar")
 # Peak learning rates for the default model and budget (the centre of compare.py's sweep grid).
 DEFAULT_LEARNING_RATES = {"orth_dion": 0.04, "dion": 0.04, "muon": 0.04, "adamw": 0.008}
 _POSITIVE = integer(1)
@@ -38,6 +39,16 @@ class TrainConfig:
       parse=number(0, 1, low_included=False))
   orthogonalize: str | None = setting(None, "Dion / Orth-Dion QR method (default: the library's)",
                                       choices=QR_METHODS)
+  right_factor: str = setting(
+      "qr", "Orth-Dion's right factor: the sign-safe QR of the paper, or the exact rank-r polar "
+      "factor (Dion always normalizes columns)", choices=ORTH_DION_RIGHT_FACTORS)
+  error_feedback: str = setting(
+      "mu", "Dion / Orth-Dion error feedback: the reference mu-form, or the paper's beta-form",
+      choices=orth_dion_jax.ERROR_FEEDBACK_FORMS)
+  decay: float | None = setting(
+      None, "Dion / Orth-Dion error-feedback decay: mu in the mu-form, in [0, 1), beta in the "
+            "beta-form, in [0, 1] (default: the library's)",
+      parse=number(0, 1, low_included=True))
   schedule: str = setting("cosine", "the learning rate after warmup: cosine decay, constant, or "
                           "constant then a linear decay over the last 20%% of steps (wsd)",
                           choices=SCHEDULES)
@@ -102,6 +113,16 @@ def check_mesh(config: TrainConfig) -> None:
   for name, size, devices, axes in splits:
     if size % devices:
       raise ValueError(f"{name} {size} is not divisible by the {devices} devices of {axes}")
+  if config.right_factor != "qr" and config.optimizer != "orth_dion":
+    raise ValueError(f"--right-factor {config.right_factor} needs orth_dion, not "
+                     f"{config.optimizer!r}")
+  low_rank_only = {"--error-feedback": config.error_feedback != "mu",
+                   "--decay": config.decay is not None}
+  for flag, given in low_rank_only.items():
+    if given and config.optimizer not in ("orth_dion", "dion"):
+      raise ValueError(f"{flag} needs orth_dion or dion, not {config.optimizer!r}")
+  if config.error_feedback == "mu" and config.decay == 1:
+    raise ValueError("--decay 1 is not a mu of the mu-form, which must be below 1")
   if config.compressed_dp and config.optimizer not in ("orth_dion", "dion"):
     raise ValueError(f"--compressed-dp needs orth_dion or dion, not {config.optimizer!r}")
   # It averages over the "data" replicas: with one there is nothing to compress, and no mesh.
@@ -142,6 +163,7 @@ def run_flags(config: TrainConfig) -> dict[str, Any]:
     # --compressed-dp keeps a momentum per "data" replica: a state tree of its own, whose shapes
     # depend on --mesh-data.
     flags |= {"--rank-fraction": config.rank_fraction, "--orthogonalize": config.orthogonalize,
+              "--right-factor": config.right_factor, "--error-feedback": config.error_feedback,
               "--compressed-dp": config.compressed_dp}
     if config.compressed_dp:
       flags["--mesh-data"] = config.mesh_data

@@ -79,9 +79,14 @@ def make_optimizer(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
   wd = config.weight_decay
   if config.optimizer in ("orth_dion", "dion"):
     factory = orth_dion_jax.orth_dion if config.optimizer == "orth_dion" else orth_dion_jax.dion
-    method = {} if config.orthogonalize is None else {"orthogonalize": config.orthogonalize}
+    chosen = {"orthogonalize": config.orthogonalize,
+              ("beta" if config.error_feedback == "beta" else "mu"): config.decay}
+    if config.optimizer == "orth_dion":
+      chosen["right_factor"] = config.right_factor
     return factory(
-        lr, rank_fraction=config.rank_fraction, weight_decay=wd, seed=config.seed, **method,
+        lr, rank_fraction=config.rank_fraction, weight_decay=wd, seed=config.seed,
+        error_feedback=config.error_feedback,
+        **{name: value for name, value in chosen.items() if value is not None},
         mesh=mesh, param_specs=param_specs, data_axis="data" if config.compressed_dp else None,
         weight_dimension_numbers=lambda p: dimension_numbers(p, orth_dion_jax.DionDimensionNumbers))
   if config.optimizer == "muon":

@@ -2,7 +2,9 @@
 
 Orth-Dion (arXiv:2605.16341) is Dion (arXiv:2504.05295) with the right factor
 orthonormalized by a sign-safe QR, so that every update is an exact rank-r
-partial isometry. Public API:
+partial isometry; ``right_factor="polar"`` takes the exact rank-r polar factor
+instead. Both error-feedback forms are offered: the reference mu-form and the
+paper's beta-form (``error_feedback``, ``ERROR_FEEDBACK_FORMS``). Public API:
 
 * optimizers: ``orth_dion``, ``dion`` (and where they send each leaf:
   ``routing_summary`` giving a ``RoutingSummary`` of ``LeafRoute``s,
@@ -18,7 +20,8 @@ partial isometry. Public API:
   (``MatrixDiagnostics``); the bytes a
   compiled step moves: the ``communication`` module;
 * the sign-safe QR itself: ``orthonormalize``, and the names of its
-  methods, ``ORTHOGONALIZE_METHODS`` (the ``orthogonalize`` setting's choices).
+  methods, ``ORTHOGONALIZE_METHODS`` (the ``orthogonalize`` setting's choices);
+  the polar factor: ``polar``; the right factors: ``RIGHT_FACTORS``.
 
 docs/design.md maps the modules behind them.
 """
@@ -38,9 +41,12 @@ from orth_dion_jax.matrix_view import DionDimensionNumbers
 from orth_dion_jax.nonfinite import ScheduleGuardState
 from orth_dion_jax.orthogonalize import METHODS as ORTHOGONALIZE_METHODS
 from orth_dion_jax.orthogonalize import orthonormalize
+from orth_dion_jax.polar import polar
 from orth_dion_jax.routing import LeafRoute
 from orth_dion_jax.routing import RoutingSummary
 from orth_dion_jax.routing import default_param_labels
+from orth_dion_jax.low_rank import RIGHT_FACTORS
+from orth_dion_jax.settings import ERROR_FEEDBACK_FORMS
 from orth_dion_jax.settings import LowRankCompressor
 from orth_dion_jax.transform import LowRankState
 from orth_dion_jax.transform import OrthDionState
@@ -52,12 +58,13 @@ from orth_dion_jax.settings import STATIC_ARGS
 __version__ = "0.1.0"
 
 __all__ = [
-    "DionDimensionNumbers", "LeafRoute", "ORTHOGONALIZE_METHODS", "LowRankCompressor", "LowRankState",
+    "DionDimensionNumbers", "ERROR_FEEDBACK_FORMS", "LeafRoute",
+    "ORTHOGONALIZE_METHODS", "RIGHT_FACTORS", "LowRankCompressor", "LowRankState",
     "MatrixDiagnostics", "OrthDionState", "ReplicaMomenta", "RoutingSummary",
     "STATIC_ARGS", "ScheduleGuardState", "average_replica_momenta",
     "average_replicas", "communication", "default_param_labels",
     "diagnostics_summary", "dion", "matrix_diagnostics", "orth_dion",
-    "orthonormalize", "per_replica_value_and_grad", "routing_summary",
+    "orthonormalize", "per_replica_value_and_grad", "polar", "routing_summary",
     "scale_by_error_feedback", "scale_by_low_rank_orthogonalization",
     "scale_by_orth_dion",
 ]
