@@ -1,23 +1,40 @@
-"""The paper's comparison at CPU scale: AdamW, Muon, Dion and Orth-Dion at rank fractions 1/2, 1/4
-and 1/8 on one small byte-level transformer, same data, steps and seeds for all.
+"""The paper's comparison at CPU scale: AdamW, Muon, and in each error-feedback form (mu, beta) and
+at each rank fraction (1/2, 1/4, 1/8) Dion, Orth-Dion and Orth-Dion with the polar right factor,
+on one small byte-level transformer with the same data, steps and seeds for every arm.
 
-    python -m examples.compare                 # the default budget: about 20 min on 2 CPU cores
-    python -m examples.compare --steps 600 --seeds 3 --json runs/compare.json
+    python -m examples.compare                       # default: about 15 min on 2 busy CPU cores
+    python -m examples.compare --full                # all 20 arms: about an hour
+    python -m examples.compare --forms mu beta --ranks 4 --arms dion orth_dion polar
+    python -m examples.compare --steps 900 --lrs-from runs/compare/results.json --arms dion ...
 
-Procedure, identical for every optimizer ("arm"):
+The default runs the paper's own setting, the beta-form, at rank 1/4, with AdamW and Muon as
+baselines: five arms, which fit the 25-minute budget on 2 shared cores; adding the mu-form at the
+same rank (eight arms) measured too close to it. --forms, --ranks and --arms choose other arms;
+--full runs them all.
+
+Procedure, identical for every arm:
   1. Learning-rate sweep on --sweep-seeds seeds: a geometric grid of --grid-points rates, a factor
-     --grid-factor apart, centred on the optimizer's default rate, scored by the mean final
-     validation loss over those seeds. While the best score sits at an end of the grid, the grid
-     grows by one rate at that end (at most --max-extensions times); a best rate still at an end is
-     reported as an edge hit.
+     --grid-factor apart, centred on the optimizer's default rate (the same for Dion, Orth-Dion
+     and polar), scored by the mean final validation loss over those seeds. While the best score
+     sits at an end of the grid, the grid grows by one rate at that end (at most --max-extensions
+     times); a best rate still at an end is reported as an edge hit. --lrs-from skips the sweep and
+     takes each arm's rate from an earlier results.json (for longer runs; the report says so).
   2. The best rate is rerun on --seeds fresh seeds (not the sweep seeds, so the reported losses are
-     independent of the selection). A seed sets the model's initialization and the batch order.
-  3. Reported per arm: final validation loss (mean and sample std over seeds), and for Dion and
-     Orth-Dion nu = ||P Q^T||_op (mean over matrices and steps, and its maximum). Per rank:
-     Orth-Dion minus Dion, paired by seed, against the seed-to-seed spread.
-Nothing here is tuned per optimizer beyond step 1. The initial right factor Q0 of Dion and
-Orth-Dion is drawn from seed 0 in every run, so that the seeds of an arm's learning rate share one
-optimizer, and with it one compiled train step.
+     independent of the selection). A seed sets the model's initialization and the batch order, so
+     seed s of one arm and seed s of another see the same data from the same start: the
+     differences between arms are paired by seed.
+  3. The error-feedback decay (mu in the mu-form, beta in the beta-form) is not swept: it is fixed
+     at the library's default, DECAY = 0.95, for every low-rank arm, and recorded in the JSON.
+
+Reported per arm: the final validation loss (mean and sample std over seeds), and for the low-rank
+arms nu = ||P Q^T||_op (mean over matrices and steps, and its maximum) and the alignment
+<B, P Q^T> / (nu ||P^T B||_*) (mean, and minimum over matrices and steps). Per form and rank:
+Orth-Dion - Dion and polar - Orth-Dion, paired by seed (mean, std of the paired differences, the
+t ratio mean / (std / sqrt(n))), and the steps Orth-Dion and polar take to reach Dion's final
+validation loss as a fraction of Dion's (the paper's 0.88x), read off the validation curve.
+Nothing is tuned per optimizer beyond step 1. The initial right factor Q0 of the low-rank arms is
+drawn from seed 0 in every run, so that the seeds of an arm's learning rate share one optimizer,
+and with it one compiled train step.
 """
 
 from __future__ import annotations
@@ -32,29 +49,49 @@ from typing import Sequence
 
 import numpy as np
 import optax
+from scipy import stats
 
 from examples import data as data_lib
 from examples import train as train_lib
 from examples.config import DEFAULT_LEARNING_RATES, QR_METHODS, SCHEDULES, TrainConfig
 from examples.model import ModelConfig
 
-RANK_FRACTIONS = (0.5, 0.25, 0.125)
+FORMS = ("mu", "beta")
+RANKS = (2, 4, 8)  # rank fraction 1/k
+LOW_RANK = ("dion", "orth_dion", "polar")
+OPTIMIZERS = ("adamw", "muon", *LOW_RANK)
+DECAY = 0.95  # mu and beta alike: the library's default, fixed, not swept
+DEFAULT_FORMS, DEFAULT_RANKS = ("beta",), (4,)
+DIAGNOSTICS = ("nu_mean", "nu_max", "alignment_mean", "alignment_min", "captured_fraction_mean")
 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
+  """One optimizer setting: "polar" is orth_dion with right_factor="polar"; the low-rank arms have
+  an error-feedback form and a rank (fraction 1/rank), AdamW and Muon neither."""
   optimizer: str
-  rank_fraction: float | None = None
+  form: str | None = None
+  rank: int | None = None
 
   @property
   def name(self) -> str:
-    if self.rank_fraction is None:
-      return self.optimizer
-    return f"{self.optimizer} r=1/{round(1 / self.rank_fraction)}"
+    return self.optimizer if self.rank is None else f"{self.optimizer} {self.form} r=1/{self.rank}"
+
+  def settings(self) -> dict:
+    """The TrainConfig fields this arm sets."""
+    if self.rank is None:
+      return {"optimizer": self.optimizer}
+    return {"optimizer": "dion" if self.optimizer == "dion" else "orth_dion",
+            "right_factor": "polar" if self.optimizer == "polar" else "qr",
+            "error_feedback": self.form, "decay": DECAY, "rank_fraction": 1 / self.rank}
 
 
-ARMS = (Arm("adamw"), Arm("muon"),
-        *(Arm(name, fraction) for fraction in RANK_FRACTIONS for name in ("dion", "orth_dion")))
+def arm_grid(optimizers: Sequence[str], forms: Sequence[str], ranks: Sequence[int]) -> list[Arm]:
+  """The baselines among `optimizers`, then each low-rank one per form and rank, grouped by
+  (form, rank) so that the arms a comparison pairs run one after another."""
+  arms = [Arm(name) for name in OPTIMIZERS[:2] if name in optimizers]
+  return arms + [Arm(name, form, rank) for form in FORMS if form in forms
+                 for rank in RANKS if rank in ranks for name in LOW_RANK if name in optimizers]
 
 
 @dataclasses.dataclass
@@ -64,9 +101,13 @@ class Run:
   val_loss: float  # final; inf if the run diverged
   records: list[dict]
 
-  @property
-  def nu(self) -> np.ndarray:
-    return np.array([[r["nu_mean"], r["nu_max"]] for r in self.records if "nu_mean" in r])
+  def curve(self) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, validation losses) of the evaluations, step 0 included."""
+    points = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+    return tuple(np.array(column, dtype=float) for column in zip(*points))
+
+  def diagnostic(self, key: str) -> np.ndarray:
+    return np.array([r[key] for r in self.records if key in r])
 
 
 @dataclasses.dataclass
@@ -82,7 +123,7 @@ class SweepPoint:
 @dataclasses.dataclass
 class ArmResult:
   arm: Arm
-  sweep: list[SweepPoint]
+  sweep: list[SweepPoint]  # empty when the rate came from --lrs-from
   best_lr: float
   edge: str | None  # "low" or "high" when the best rate is still at an end of the grid
   runs: list[Run]  # the best rate on the reporting seeds
@@ -92,17 +133,22 @@ class ArmResult:
     return np.array([run.val_loss for run in self.runs])
 
   def summary(self) -> dict:
-    nu = np.concatenate([run.nu for run in self.runs]) if self.arm.rank_fraction else None
+    diagnostics = {key: np.concatenate([run.diagnostic(key) for run in self.runs])
+                   for key in DIAGNOSTICS}
+    # Over matrices and steps: the mean of the per-step means, the extremes of the extremes.
+    reduce = {"nu_mean": np.mean, "nu_max": np.max, "alignment_mean": np.mean,
+              "alignment_min": np.min, "captured_fraction_mean": np.mean}
     return {
-        "arm": self.arm.name, "optimizer": self.arm.optimizer,
-        "rank_fraction": self.arm.rank_fraction, "best_lr": self.best_lr, "edge": self.edge,
+        "arm": self.arm.name, **dataclasses.asdict(self.arm),
+        "decay": DECAY if self.arm.rank else None,
+        "best_lr": self.best_lr, "edge": self.edge, "lr_source": "sweep" if self.sweep else "fixed",
         "sweep": [{"lr": point.lr, "val_loss": point.val_loss,
                    "val_losses": [run.val_loss for run in point.runs]} for point in self.sweep],
         "seeds": [run.seed for run in self.runs], "val_losses": self.losses.tolist(),
         "val_loss_mean": float(self.losses.mean()),
         "val_loss_std": float(self.losses.std(ddof=1)) if len(self.runs) > 1 else 0.0,
-        "nu_mean": None if nu is None else float(nu[:, 0].mean()),
-        "nu_max": None if nu is None else float(nu[:, 1].max()),
+        **{key: float(reduce[key](values)) if values.size else None
+           for key, values in diagnostics.items()},
     }
 
 
@@ -115,8 +161,7 @@ class Runner:
     self.optimizers: dict[tuple[Arm, float], optax.GradientTransformation] = {}
 
   def _config(self, arm: Arm, lr: float, seed: int) -> TrainConfig:
-    return dataclasses.replace(self.base, optimizer=arm.optimizer, lr=lr, seed=seed,
-                               rank_fraction=arm.rank_fraction or 1.0)
+    return dataclasses.replace(self.base, lr=lr, seed=seed, **arm.settings())
 
   def _optimizer(self, arm: Arm, lr: float) -> optax.GradientTransformation:
     if (arm, lr) not in self.optimizers:
@@ -130,7 +175,7 @@ class Runner:
     records = train_lib.train(config, self.corpus, tx=self._optimizer(arm, lr))
     final = [r["val_loss"] for r in records if "val_loss" in r][-1]
     run = Run(lr, seed, final if math.isfinite(final) else math.inf, records)
-    self.log(f"{arm.name:16s} lr={lr:<8.4g} seed={seed}: val {run.val_loss:.4f} "
+    self.log(f"{arm.name:22s} lr={lr:<8.4g} seed={seed}: val {run.val_loss:.4f} "
              f"({time.perf_counter() - start:.0f} s)")
     return run
 
@@ -156,117 +201,181 @@ def sweep(runner: Runner, arm: Arm, *, center: float, points: int, factor: float
   return [grid[k] for k in sorted(grid)], grid[best].lr, edge
 
 
-def orth_dion_vs_dion(results: dict[str, ArmResult]) -> list[dict]:
-  """Per rank: Orth-Dion minus Dion final loss, paired by seed, against the seed spread."""
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
+  """a - b paired by seed: the mean, the sample std of the differences, the t ratio
+  mean / (std / sqrt(n)) and its two-sided p-value (n - 1 degrees of freedom), and the
+  seed-to-seed spread of a single run (the two arms' sample stds, averaged) to set it against."""
+  d = np.asarray(a, float) - np.asarray(b, float)
+  n = d.size
+  std = float(d.std(ddof=1))
+  t = float(d.mean() / (std / math.sqrt(n))) if std > 0 else math.copysign(math.inf, d.mean())
+  return {"mean": float(d.mean()), "std": std, "t": t, "p": float(2 * stats.t.sf(abs(t), n - 1)),
+          "n": n, "per_seed": d.tolist(),
+          "seed_spread": float((np.std(a, ddof=1) + np.std(b, ddof=1)) / 2)}
+
+
+def steps_to_reach(steps: np.ndarray, losses: np.ndarray, target: float) -> float | None:
+  """The first step at which the piecewise-linear validation curve is at or below `target`;
+  None if it never is."""
+  hits = np.flatnonzero(losses <= target)
+  if not hits.size:
+    return None
+  i = hits[0]
+  if i == 0:
+    return float(steps[0])
+  # Between the evaluation above the target and the first at or below it.
+  s0, s1, l0, l1 = steps[i - 1], steps[i], losses[i - 1], losses[i]
+  return float(s0 + (s1 - s0) * (l0 - target) / (l0 - l1))
+
+
+def steps_ratio(runs: Sequence[Run], targets: Sequence[Run]) -> dict:
+  """Steps `runs` take to reach the final loss of `targets` as a fraction of the latter's steps:
+  on the seed-mean curves, and per seed (None where never reached)."""
+  curves = [run.curve() for run in runs]
+  total = targets[0].curve()[0][-1]
+  mean_curve = np.mean([losses for _, losses in curves], axis=0)
+  target = float(np.mean([run.val_loss for run in targets]))
+  ratio = lambda steps: None if steps is None else steps / total
+  return {"mean_curve": ratio(steps_to_reach(curves[0][0], mean_curve, target)),
+          "per_seed": [ratio(steps_to_reach(steps, losses, run.val_loss))
+                       for (steps, losses), run in zip(curves, targets)]}
+
+
+def comparisons(results: dict[str, ArmResult]) -> list[dict]:
+  """Per form and rank with both arms of a pair: Orth-Dion vs Dion and polar vs Orth-Dion."""
   rows = []
-  for fraction in RANK_FRACTIONS:
-    if {Arm("dion", fraction).name, Arm("orth_dion", fraction).name} - results.keys():
-      continue
-    dion = results[Arm("dion", fraction).name]
-    orth = results[Arm("orth_dion", fraction).name]
-    paired = orth.losses - dion.losses
-    delta = float(paired.mean())
-    # Seed-to-seed spread: the sample std of a single run's final loss, averaged over both arms.
-    spread = float(np.mean([dion.losses.std(ddof=1), orth.losses.std(ddof=1)]))
-    winner = "Orth-Dion" if delta < 0 else "Dion"
-    beyond = abs(delta) > spread
-    rows.append({
-        "rank_fraction": fraction, "dion": float(dion.losses.mean()),
-        "orth_dion": float(orth.losses.mean()), "delta": delta,
-        "paired_deltas": paired.tolist(), "seed_spread": spread,
-        "delta_over_spread": abs(delta) / spread if spread > 0 else math.inf,
-        "verdict": f"{winner} lower, {'beyond' if beyond else 'within'} the seed spread",
-        "dion_nu_mean": dion.summary()["nu_mean"], "dion_nu_max": dion.summary()["nu_max"],
-        "orth_dion_nu_mean": orth.summary()["nu_mean"],
-        "orth_dion_nu_max": orth.summary()["nu_max"],
-    })
+  for form in FORMS:
+    for rank in RANKS:
+      arm = {name: results.get(Arm(name, form, rank).name) for name in LOW_RANK}
+      row = {"form": form, "rank": rank,
+             **{f"{name}_loss": r and float(r.losses.mean()) for name, r in arm.items()}}
+      for a, b in (("orth_dion", "dion"), ("polar", "orth_dion"), ("polar", "dion")):
+        if arm[a] and arm[b]:
+          row[f"{a}_minus_{b}"] = paired_difference(arm[a].losses, arm[b].losses)
+      for name in ("orth_dion", "polar"):
+        if arm[name] and arm["dion"]:
+          row[f"{name}_steps_to_dion"] = steps_ratio(arm[name].runs, arm["dion"].runs)
+      if any(key.endswith("_minus_dion") for key in row):
+        rows.append(row)
   return rows
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def _num(value: float | None, digits: int = 3) -> str:
   return "-" if value is None else f"{value:.{digits}f}"
 
 
-def tables(results: dict[str, ArmResult], comparison: list[dict], n_seeds: int) -> str:
-  lines = [f"Final validation loss (nats/byte) at each arm's best learning rate, {n_seeds} seeds",
-           f"{'arm':16s} {'best lr':>8s} {'grid edge':>9s} {'val loss':>16s} {'nu mean':>8s} "
-           f"{'nu max':>7s}"]
-  for result in results.values():
-    s = result.summary()
-    lines.append(f"{s['arm']:16s} {s['best_lr']:8.4g} {s['edge'] or 'no':>9s} "
-                 f"{s['val_loss_mean']:9.4f} ± {s['val_loss_std']:.4f} {_fmt(s['nu_mean']):>8s} "
-                 f"{_fmt(s['nu_max']):>7s}")
-  lines += ["", "Orth-Dion vs Dion per rank (delta = Orth-Dion - Dion, paired by seed)",
-            f"{'rank':>5s} {'Dion':>7s} {'Orth-Dion':>9s} {'delta':>8s} {'spread':>7s} "
-            f"{'|d|/spr':>7s} {'Dion nu mean/max':>16s} {'Orth nu mean/max':>16s}  verdict"]
-  for row in comparison:
-    lines.append(
-        f"{'1/' + str(round(1 / row['rank_fraction'])):>5s} {row['dion']:7.4f} "
-        f"{row['orth_dion']:9.4f} {row['delta']:+8.4f} {row['seed_spread']:7.4f} "
-        f"{row['delta_over_spread']:7.2f} "
-        f"{_fmt(row['dion_nu_mean']) + ' / ' + _fmt(row['dion_nu_max']):>16s} "
-        f"{_fmt(row['orth_dion_nu_mean']) + ' / ' + _fmt(row['orth_dion_nu_max']):>16s}  "
-        f"{row['verdict']}")
-  edges = [r.arm.name for r in results.values() if r.edge]
-  lines += ["", f"learning rates at a grid edge: {', '.join(edges)}" if edges else
-            "no arm's best learning rate is at an edge of its grid"]
+def _diff(d: dict | None) -> str:
+  if d is None:
+    return "-"
+  return f"{d['mean']:+.4f} ± {d['std']:.4f} (t={d['t']:+.1f}, p={d['p']:.2f})"
+
+
+def _ratio(r: dict | None) -> str:
+  if r is None:
+    return "-"
+  per_seed = ", ".join("never" if x is None else f"{x:.2f}" for x in r["per_seed"])
+  return f"{'never' if r['mean_curve'] is None else format(r['mean_curve'], '.2f')} ({per_seed})"
+
+
+def tables(summaries: Sequence[dict], rows: Sequence[dict]) -> str:
+  """Markdown tables: one row per arm, then one per form and rank."""
+  n = len(summaries[0]["seeds"])
+  lines = [f"Final validation loss (nats/byte) at each arm's learning rate, mean ± std over {n} "
+           "seeds; nu and alignment over all matrices and steps of those runs.", "",
+           "| arm | lr | lr at grid edge | final val loss | nu mean | nu max | alignment mean | "
+           "alignment min |", "|---|---|---|---|---|---|---|---|"]
+  for s in summaries:
+    edge = (s["edge"] or "no") if s["lr_source"] == "sweep" else "fixed (--lrs-from)"
+    lines.append(f"| {s['arm']} | {s['best_lr']:.4g} | {edge} | {s['val_loss_mean']:.4f} ± "
+                 f"{s['val_loss_std']:.4f} | {_num(s['nu_mean'])} | {_num(s['nu_max'])} | "
+                 f"{_num(s['alignment_mean'])} | {_num(s['alignment_min'])} |")
+  if rows:
+    lines += ["", "Paired by seed: mean ± std of the differences (t = mean / (std / sqrt(n)), "
+              "two-sided p); seed sd: the std of one arm's final loss. Steps to Dion's final loss "
+              "as a fraction of Dion's steps: on the seed-mean curve (per seed).", "",
+              "| form | rank | Dion | Orth-Dion | polar | Orth-Dion - Dion | seed sd | "
+              "polar - Orth-Dion | Orth-Dion steps to Dion | polar steps to Dion |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+      pair = row.get("orth_dion_minus_dion")
+      lines.append(
+          f"| {row['form']} | 1/{row['rank']} | {_num(row['dion_loss'], 4)} | "
+          f"{_num(row['orth_dion_loss'], 4)} | {_num(row['polar_loss'], 4)} | {_diff(pair)} | "
+          f"{_num(pair and pair['seed_spread'], 4)} | {_diff(row.get('polar_minus_orth_dion'))} | "
+          f"{_ratio(row.get('orth_dion_steps_to_dion'))} | "
+          f"{_ratio(row.get('polar_steps_to_dion'))} |")
   return "\n".join(lines)
 
 
 def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
+  """Validation curves (seed mean, min-max band), the sweeps, and nu and alignment per step."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, (ax_sweep, ax_curve, ax_nu) = plt.subplots(1, 3, figsize=(17, 5))
-  colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+  (ax_curve, ax_sweep), (ax_nu, ax_align) = axes
+  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colors = {name: palette[i % len(palette)] for i, name in enumerate(results)}
   for name, result in results.items():
-    sweep_losses = [min(point.val_loss, 10.0) for point in result.sweep]
-    ax_sweep.plot([point.lr for point in result.sweep], sweep_losses, "o-", color=colors[name],
-                  label=name)
-    val = np.array([[r["val_loss"] for r in run.records if "val_loss" in r] for run in result.runs])
-    steps = [r["step"] for r in result.runs[0].records if "val_loss" in r]
-    ax_curve.plot(steps, val.mean(axis=0), "o-", ms=3, color=colors[name], label=name)
-    if result.arm.rank_fraction:
-      nu = np.array([[r["nu_mean"] for r in run.records if "nu_mean" in r] for run in result.runs])
-      ax_nu.plot(np.arange(1, nu.shape[1] + 1), nu.mean(axis=0), color=colors[name], label=name,
-                 ls="-" if result.arm.optimizer == "orth_dion" else "--")
+    # The form by line style, so that an arm's mu and beta runs read as one family.
+    style = dict(color=colors[name], label=name, ls=":" if result.arm.form == "mu" else "-")
+    steps = result.runs[0].curve()[0]
+    val = np.array([run.curve()[1] for run in result.runs])
+    ax_curve.plot(steps, val.mean(axis=0), **style)
+    ax_curve.fill_between(steps, val.min(axis=0), val.max(axis=0), color=colors[name], alpha=0.15)
+    if result.sweep:
+      ax_sweep.plot([p.lr for p in result.sweep], [min(p.val_loss, 10.0) for p in result.sweep],
+                    marker="o", **style)
+    if result.arm.rank:
+      for ax, key in ((ax_nu, "nu_mean"), (ax_align, "alignment_mean")):
+        values = np.mean([run.diagnostic(key) for run in result.runs], axis=0)
+        ax.plot(np.arange(1, values.size + 1), values, **style)
+  bottom = min(r.losses.min() for r in results.values())
+  ax_curve.set(xlabel="step", ylabel="validation loss (nats/byte), seed mean and range",
+               title="validation loss at each arm's learning rate", ylim=(bottom - 0.03, bottom + 0.6))
   ax_sweep.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (sweep seeds)",
                title="learning-rate sweep")
-  ax_curve.set(xlabel="step", ylabel="val loss (mean over seeds)",
-               title="validation loss at the best rate")
-  bottom = min(r.losses.min() for r in results.values())
-  ax_curve.set_ylim(bottom - 0.05, bottom + 1.0)
-  ax_nu.set(xlabel="step", ylabel="nu = ||P Q^T||_op, mean over matrices",
-            title="update spectral norm (Orth-Dion solid, Dion dashed)")
-  for ax in (ax_sweep, ax_curve, ax_nu):
+  ax_nu.set(xlabel="step", ylabel="nu = ||P Q^T||_op, mean over matrices", title="update norm")
+  ax_align.set(xlabel="step", ylabel="<B, P Q^T> / (nu ||P^T B||_*), mean over matrices",
+               title="alignment (1 for polar)")
+  for ax in axes.flat:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add = parser.add_argument
-  add("--steps", type=int, default=300)
+  add("--steps", type=int, default=300, help="the budget: optimizer steps of every run")
   add("--batch-size", type=int, default=16)
   add("--seq-len", type=int, default=64)
   add("--d-model", type=int, default=64)
   add("--n-layers", type=int, default=2)
   add("--n-heads", type=int, default=2)
+  add("--max-bytes", type=int, default=data_lib.DEFAULT_MAX_BYTES, help="corpus size cap")
+  add("--eval-every", type=int, default=None, help="default: --steps / 15, for the steps-to-reach")
+  add("--eval-tokens", type=int, default=16_384)
   add("--schedule", choices=SCHEDULES, default="cosine")
   add("--orthogonalize", choices=QR_METHODS, default=None,
-      help="QR method of Dion's and Orth-Dion's factors (default: the library's)")
+      help="QR method of the low-rank arms' factors (default: the library's)")
   add("--seeds", type=int, default=3, help="reporting seeds per arm, at least 2")
   add("--sweep-seeds", type=int, default=1, help="seeds each learning rate of the sweep runs on")
   add("--grid-points", type=int, default=5)
   add("--grid-factor", type=float, default=2**0.5)
   add("--max-extensions", type=int, default=3)
-  add("--arms", nargs="+", default=None, metavar="ARM",
-      help=f"a subset of: {', '.join(arm.name.replace(' ', '@') for arm in ARMS)}")
+  add("--arms", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), metavar="OPTIMIZER",
+      help=f"a subset of {', '.join(OPTIMIZERS)} (default: all)")
+  add("--forms", nargs="+", choices=FORMS, default=None,
+      help=f"error-feedback forms of the low-rank arms (default: {' '.join(DEFAULT_FORMS)})")
+  add("--ranks", nargs="+", type=int, choices=RANKS, default=None,
+      help=f"rank fractions 1/k of the low-rank arms (default: {' '.join(map(str, DEFAULT_RANKS))})")
+  add("--full", action="store_true", help="every form and rank (unless --forms / --ranks say)")
+  add("--lrs-from", default=None, help="a results.json whose arms' rates to use: no sweep")
   add("--data", default=None)
   add("--out", default="runs/compare")
   add("--json", default=None, help="default: <out>/results.json")
@@ -274,51 +383,67 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.seeds < 2:
     parser.error("--seeds must be at least 2: the comparison needs a seed-to-seed spread")
+  args.forms = args.forms or list(FORMS if args.full else DEFAULT_FORMS)
+  args.ranks = args.ranks or list(RANKS if args.full else DEFAULT_RANKS)
   return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict:
+  """Runs the comparison; prints the tables and returns what it writes to the JSON."""
   args = parse_args(argv)
   started = time.perf_counter()
   out = pathlib.Path(args.out)
-  arms = [arm for arm in ARMS if args.arms is None or arm.name.replace(" ", "@") in args.arms]
+  arms = arm_grid(args.arms, args.forms, args.ranks)
+  fixed = {}
+  if args.lrs_from:
+    fixed = {s["arm"]: s["best_lr"] for s in json.loads(pathlib.Path(args.lrs_from).read_text())["arms"]}
+    if missing := [arm.name for arm in arms if arm.name not in fixed]:
+      raise SystemExit(f"--lrs-from {args.lrs_from} has no rate for {', '.join(missing)}")
   base = TrainConfig(
       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
       model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads),
-      schedule=args.schedule, data=args.data,
-      orthogonalize=args.orthogonalize,
-      eval_every=max(1, args.steps // 4), eval_tokens=16_384, log_every=50, checkpoint_every=0,
-      progress=False)
-  corpus = data_lib.load_corpus(args.data)
-  print(f"{len(arms)} arms, {args.steps} steps of {args.batch_size}x{args.seq_len} bytes; "
-        f"unigram entropy of the corpus {data_lib.unigram_entropy(corpus[0]):.3f} nats/byte",
-        flush=True)
+      schedule=args.schedule, data=args.data, max_bytes=args.max_bytes,
+      orthogonalize=args.orthogonalize, eval_every=args.eval_every or max(1, args.steps // 15),
+      eval_tokens=args.eval_tokens, log_every=50, checkpoint_every=0, progress=False)
+  corpus = data_lib.load_corpus(args.data, args.max_bytes)
+  print(f"{len(arms)} arms ({', '.join(arm.name for arm in arms)}), {args.steps} steps of "
+        f"{args.batch_size}x{args.seq_len} bytes; unigram entropy of the corpus "
+        f"{data_lib.unigram_entropy(corpus[0]):.3f} nats/byte", flush=True)
   runner = Runner(base, corpus, out, log=lambda line: print(line, flush=True))
   sweep_seeds = list(range(args.sweep_seeds))
   seeds = [args.sweep_seeds + i for i in range(args.seeds)]
   results = {}
   for arm in arms:
-    grid, best_lr, edge = sweep(
-        runner, arm, center=DEFAULT_LEARNING_RATES[arm.optimizer],
-        points=args.grid_points, factor=args.grid_factor, max_extensions=args.max_extensions,
-        seeds=sweep_seeds)
+    if arm.name in fixed:
+      grid, best_lr, edge = [], fixed[arm.name], None
+    else:
+      center = DEFAULT_LEARNING_RATES["orth_dion" if arm.optimizer == "polar" else arm.optimizer]
+      grid, best_lr, edge = sweep(runner, arm, center=center, points=args.grid_points,
+                                  factor=args.grid_factor, max_extensions=args.max_extensions,
+                                  seeds=sweep_seeds)
     results[arm.name] = ArmResult(arm, grid, best_lr, edge,
                                   [runner(arm, best_lr, seed) for seed in seeds])
 
-  comparison = orth_dion_vs_dion(results)
-  print("\n" + tables(results, comparison, args.seeds))
+  summaries = [result.summary() for result in results.values()]
+  rows = comparisons(results)
+  print("\n" + tables(summaries, rows))
+  report = {
+      "settings": {**vars(args), "decay": DECAY, "model": dataclasses.asdict(base.model),
+                   "eval_every": base.eval_every, "sweep_seeds": sweep_seeds,
+                   "reporting_seeds": seeds},
+      "arms": summaries, "comparisons": rows,
+      "curves": {name: {"steps": r.runs[0].curve()[0].tolist(),
+                        "val_loss": [run.curve()[1].tolist() for run in r.runs]}
+                 for name, r in results.items()},
+      "elapsed_s": time.perf_counter() - started,
+  }
   json_path = pathlib.Path(args.json or out / "results.json")
   json_path.parent.mkdir(parents=True, exist_ok=True)
-  json_path.write_text(json.dumps({
-      "settings": {**vars(args), "model": dataclasses.asdict(base.model),
-                   "sweep_seeds": sweep_seeds, "reporting_seeds": seeds},
-      "arms": [result.summary() for result in results.values()],
-      "orth_dion_vs_dion": comparison,
-      "elapsed_s": time.perf_counter() - started,
-  }, indent=1))
+  json_path.write_text(json.dumps(report, indent=1))
   plot_path = pathlib.Path(args.plot or out / "compare.png")
   plot(results, plot_path)
-  print(f"\n{time.perf_counter() - started:.0f} s; results: {json_path}, plot: {plot_path}")
+  print(f"\n{report['elapsed_s']:.0f} s; results: {json_path}, plot: {plot_path}")
+  return report
 
 
 if __name__ == "__main__":
