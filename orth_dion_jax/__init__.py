@@ -41,7 +41,7 @@ from orth_dion_jax.matrix_view import DionDimensionNumbers
 from orth_dion_jax.nonfinite import ScheduleGuardState
 from orth_dion_jax.orthogonalize import METHODS as ORTHOGONALIZE_METHODS
 from orth_dion_jax.orthogonalize import orthonormalize
-from orth_dion_jax.polar import polar
+from orth_dion_jax.polar_factor import polar
 from orth_dion_jax.routing import LeafRoute
 from orth_dion_jax.routing import RoutingSummary
 from orth_dion_jax.routing import default_param_labels

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from orth_dion_jax import orthogonalize as orth
-from orth_dion_jax import polar
+from orth_dion_jax import polar_factor
 from orth_dion_jax.collectives import Collectives, SINGLE_DEVICE
 from orth_dion_jax.lapack_calls import per_matrix
 
@@ -127,7 +127,7 @@ def _grouped_orthonormalize(
   groups: dict[tuple, list[int]] = {}
   for i, (a, c) in enumerate(zip(arrays, collectives)):
     groups.setdefault((a.shape[-1], c), []).append(i)
-  orthonormalize_many = (polar.polar_many if right_factor == "polar"
+  orthonormalize_many = (polar_factor.polar_many if right_factor == "polar"
                          else orth.orthonormalize_many)
   out: list[Array | None] = [None] * len(arrays)
   for g, members in enumerate(groups.values()):

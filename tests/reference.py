@@ -22,6 +22,30 @@ def qr_pos(a: np.ndarray) -> np.ndarray:
   return q * np.where(np.diag(t) < 0, -1.0, 1.0)
 
 
+def polar(r: np.ndarray) -> np.ndarray:
+  """The polar factor V U^T of R = V S U^T, from a float64 SVD; singular
+  values at or below r * eps(float32) * s_max count as zero and their
+  directions are dropped (docs/design.md, "The polar right factor")."""
+  v, s, ut = np.linalg.svd(r, full_matrices=False)
+  kept = s > r.shape[1] * np.finfo(np.float32).eps * s[0]
+  return (v * kept) @ ut
+
+
+def alignment(r: np.ndarray, q: np.ndarray) -> float:
+  """<B, P Q^T> / ||P^T B||_* = trace(Q^T R) / ||R||_*."""
+  nuclear = np.sum(np.linalg.svd(r, compute_uv=False))
+  return float(np.sum(q * r) / nuclear) if nuclear > 0 else 0.0
+
+
+def right_factor_of(r: np.ndarray, kind: str, eps: float) -> np.ndarray:
+  """The new right factor from R: "qr", "polar" or "column" (Dion)."""
+  if kind == "qr":
+    return qr_pos(r)
+  if kind == "polar":
+    return polar(r)
+  return normalize_columns(r, eps)
+
+
 def normalize_columns(r: np.ndarray, eps: float) -> np.ndarray:
   """Dion's right factor: each column over (its 2-norm + eps)."""
   return r / (np.linalg.norm(r, axis=0, keepdims=True) + eps)
@@ -57,7 +81,7 @@ def low_rank_factors(b: np.ndarray, q: np.ndarray, *, right_factor: str,
   for _ in range(power_iters):
     p = qr_pos(b @ q)
     r = b.T @ p
-    q = qr_pos(r) if right_factor == "qr" else normalize_columns(r, eps)
+    q = right_factor_of(r, right_factor, eps)
   return Factors(p, r, q)
 
 
@@ -67,6 +91,7 @@ class MatrixState(NamedTuple):
   momentum: np.ndarray       # M (mu-form), E (beta-form) or the trace
   right_factor: np.ndarray   # Q, (small, r)
   captured_fraction: float   # ||P R^T||_F^2 / ||B||_F^2 of the last step
+  alignment: float           # <B, P Q^T> / ||P^T B||_* of the last step
   update: np.ndarray         # the last parameter update, (fan_out, fan_in)
 
 
@@ -79,7 +104,8 @@ class ReferenceDion:
     ``B = M + G; M <- B - (1 - mu) P R^T``;
   * ``"beta"``: the paper's analysed form (section 6), transcribed literally,
     ``decay`` is beta: ``M = G + E; U = qr(M V); W = M^T U; V = qr_pos(W);
-    E <- beta (M - U U^T M)``;
+    E <- beta (M - U U^T M)`` (``V = polar(W)`` or Dion's column
+    normalization with the other right factors);
   * ``"trace"``: heavy-ball momentum ``B <- decay B + G`` with no error
     feedback (the low-rank step chained after ``optax.trace``).
 
@@ -108,7 +134,7 @@ class ReferenceDion:
             weight=np.asarray(x, np.float64),
             momentum=np.zeros(np.shape(x)),
             right_factor=np.asarray(right_factors[name], np.float64),
-            captured_fraction=0.0,
+            captured_fraction=0.0, alignment=0.0,
             update=np.zeros(np.shape(x)))
         for name, x in weights.items()}
 
@@ -133,10 +159,11 @@ class ReferenceDion:
       m = oriented(g + s.momentum)
       u = qr_pos(m @ s.right_factor)
       w = m.T @ u
-      q = qr_pos(w)
+      q = right_factor_of(w, self.right_factor, self.eps)
       new_momentum = back(decay * (m - u @ (u.T @ m)))
       direction = u @ q.T
       captured = np.sum(w**2) / np.sum(m**2)
+      aligned = alignment(w, q)
     else:
       b = oriented((decay if self.form == "trace" else 1.0) * s.momentum + g)
       f = low_rank_factors(b, s.right_factor, right_factor=self.right_factor,
@@ -148,6 +175,7 @@ class ReferenceDion:
         new_momentum = back(b - (1.0 - decay) * f.p @ f.r.T)
       direction = f.p @ f.q.T
       captured = np.sum(f.r**2) / np.sum(b**2)
+      aligned = alignment(f.r, f.q)
     fan_out, fan_in = x.shape
     update = -lr * (update_scale(fan_out, fan_in, self.scale)
                     * back(direction) + wd * x)
@@ -156,4 +184,4 @@ class ReferenceDion:
           np.float64)
     return MatrixState(weight=x + update, momentum=new_momentum,
                        right_factor=q, captured_fraction=float(captured),
-                       update=update)
+                       alignment=aligned, update=update)

@@ -3,8 +3,11 @@
 Parameters are Flax-layout kernels ``(fan_in, fan_out)``; the reference works
 on ``(fan_out, fan_in)``. Gradients are well conditioned (singular values
 1 .. 0.1), so float32 against float64 agreement to 1e-5 is meaningful. Each
-step compares the update, the parameters, the momentum, the right factor and
-the captured fraction, over 10 steps.
+step compares the update, the parameters, the momentum, the right factor,
+the captured fraction and the alignment, over 10 steps, for every right factor
+(QR, polar, Dion's columns), orthonormalization method and error-feedback form
+(the reference mu-form, and the paper's beta-form, which the reference
+transcribes from the paper's algorithm box).
 """
 
 import chex
@@ -22,7 +25,8 @@ from core_helpers import run_against_reference
 
 STEPS = 10
 METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
-RIGHT_FACTORS = ("qr", "column")
+RIGHT_FACTORS = orth_dion_jax.RIGHT_FACTORS
+FORMS = orth_dion_jax.ERROR_FEEDBACK_FORMS
 
 # With rank_fraction 0.25: r = 4, 4, 6 and 1.
 MIXED_SHAPES = {"tall": (16, 48), "wide": (48, 16), "square": (24, 24),
@@ -33,47 +37,53 @@ FULL_RANK_SHAPES = {"tall": (12, 48), "wide": (48, 12)}
 
 
 def _check_alias(shapes, *, right_factor, orthogonalize, rank_fraction,
-                 power_iters=1, scale="spectral", orthonormal_start=False,
-                 momentum_dtype=None, rtol=1e-5):
+                 form="mu", power_iters=1, scale="spectral",
+                 orthonormal_start=False, momentum_dtype=None, rtol=1e-5):
   rng = np.random.default_rng(1)
   params = kernel_tree(rng, shapes)
-  lr, mu, wd = 0.05, 0.9, 0.1
+  lr, decay, wd = 0.05, 0.9, 0.1
   tx = alias_for(
-      right_factor, lr, rank_fraction=rank_fraction, mu=mu, weight_decay=wd,
+      right_factor, lr, rank_fraction=rank_fraction, error_feedback=form,
+      **{"mu" if form == "mu" else "beta": decay}, weight_decay=wd,
       orthogonalize=orthogonalize,
       power_iters=power_iters, scale=scale, momentum_dtype=momentum_dtype)
   return run_against_reference(
-      tx, params, gradient_steps(rng, shapes, STEPS),
-      orthonormal_start=orthonormal_start, learning_rate=lr, decay=mu,
+      tx, params, gradient_steps(rng, shapes, STEPS), form=form,
+      rebase=form == "beta",
+      orthonormal_start=orthonormal_start, learning_rate=lr, decay=decay,
       weight_decay=wd, right_factor=right_factor, power_iters=power_iters,
       scale=scale, momentum_dtype=momentum_dtype, rtol=rtol)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("orthogonalize", METHODS)
 @pytest.mark.parametrize("right_factor", RIGHT_FACTORS)
 def test_tall_wide_square_and_rank_one_match_reference(right_factor,
-                                                       orthogonalize):
+                                                       orthogonalize, form):
   state = _check_alias(MIXED_SHAPES, right_factor=right_factor,
-                       orthogonalize=orthogonalize, rank_fraction=0.25)
+                       orthogonalize=orthogonalize, rank_fraction=0.25,
+                       form=form)
   factors = optax.tree.get(state, "right_factor")
   for name, (fan_in, fan_out) in MIXED_SHAPES.items():
     chex.assert_shape(factors[name], (min(fan_in, fan_out), MIXED_RANKS[name]))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("orthogonalize", METHODS)
 @pytest.mark.parametrize("right_factor", RIGHT_FACTORS)
-def test_full_rank_matches_reference(right_factor, orthogonalize):
+def test_full_rank_matches_reference(right_factor, orthogonalize, form):
   state = _check_alias(FULL_RANK_SHAPES, right_factor=right_factor,
                        orthogonalize=orthogonalize, rank_fraction=1.0,
-                       orthonormal_start=True)
+                       orthonormal_start=True, form=form)
   factors = optax.tree.get(state, "right_factor")
   for name in FULL_RANK_SHAPES:
     chex.assert_shape(factors[name], (12, 12))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("right_factor", RIGHT_FACTORS)
 def test_bfloat16_momentum_matches_reference_rounding_its_momentum(
-    right_factor):
+    right_factor, form):
   """Momentum stored in bfloat16, everything else float32: the reference
   rounds its float64 momentum to bfloat16 after every step. Entries that land
   on the other side of a bfloat16 rounding boundary differ by one bfloat16
@@ -82,15 +92,16 @@ def test_bfloat16_momentum_matches_reference_rounding_its_momentum(
   part beyond it by step 3."""
   state = _check_alias(MIXED_SHAPES, right_factor=right_factor,
                        orthogonalize="cholesky_qr", rank_fraction=0.25,
-                       momentum_dtype=jnp.bfloat16, rtol=5e-3)
+                       momentum_dtype=jnp.bfloat16, rtol=5e-3, form=form)
   for m in jax.tree.leaves(optax.tree.get(state, "momentum")):
     assert m.dtype == jnp.bfloat16
 
 
-def test_power_iterations_and_rms_scale_match_reference():
-  _check_alias({"tall": (16, 40), "wide": (40, 16)}, right_factor="qr",
-               orthogonalize="householder", rank_fraction=0.25,
-               power_iters=3, scale="rms")
+@pytest.mark.parametrize("right_factor", ("qr", "polar"))
+def test_power_iterations_and_rms_scale_match_reference(right_factor):
+  _check_alias({"tall": (16, 40), "wide": (40, 16)},
+               right_factor=right_factor, orthogonalize="householder",
+               rank_fraction=0.25, power_iters=3, scale="rms")
 
 
 def test_nd_weights_match_reference_slice_by_slice():
