@@ -1,4 +1,5 @@
-"""Update time of Orth-Dion, Dion, Muon and AdamW against the matmul roofline.
+"""Update time of Orth-Dion (QR or polar right factor), Dion, Muon and AdamW
+against the matmul roofline.
 
 For each width d (a weight set ``d x d``, ``d x 4d``, ``4d x d``), momentum
 dtype and rank fraction, the table gives each optimizer's median update time
@@ -8,6 +9,8 @@ and its ratios:
   flops) run as plain jitted matmuls, timed in the same run. The ``roofline``
   row is that time; ``GFLOP/s`` is the matmul rate it implies;
 * ``x muon`` and ``x dion``: to ``optax.contrib.muon`` and to Dion;
+* ``x qr``: to Orth-Dion with its QR right factor (``orth_dion``); the
+  ``orth_dion_polar`` row is Orth-Dion with ``right_factor="polar"``;
 * the memory columns of ``benchmarks.memory`` for the same compiled update.
 
 Muon and AdamW do not depend on the rank: they are timed once per d and dtype
@@ -23,6 +26,8 @@ calls, which the package limits to one unless a thread variable says otherwise
     python -m benchmarks.step_time --quick              # a smoke run
     python -m benchmarks.step_time --dims 2048 --rank-fractions 1/4 \
         --dtype float32 bfloat16 --json runs/step_time.json
+    python -m benchmarks.step_time --dims 2048 --rank-fractions 1/4 \
+        --optimizers orth_dion orth_dion_polar      # polar against QR
 """
 
 from __future__ import annotations
@@ -43,12 +48,16 @@ _FULL_RANK = ("muon", "adamw")
 _COLUMNS = (("dtype", ""), ("d", "d"), ("rank", ""), ("optimizer", ""),
             ("ms", ".1f"), ("spread", ".0%"), ("GFLOP/s", ".1f"),
             ("x roofline", ".2f"), ("x muon", ".3f"), ("x dion", ".2f"),
+            ("x qr", ".3f"),
             ("state B/param", ".3f"), ("temp MiB", ".1f"),
             ("temp [mn f32]", ".2f"))
 
 # Reference ratios the d = 2048, rank 1/4, float32 case is compared with.
-_TARGETS = (("x_roofline", 1.4), ("x_dion", 1.10), ("x_muon", 0.10),
-            ("temp_per_matrix_f32", 1.0))
+_TARGETS = {
+    "orth_dion": (("x_roofline", 1.4), ("x_dion", 1.10), ("x_muon", 0.10),
+                  ("temp_per_matrix_f32", 1.0)),
+    "orth_dion_polar": (("x_qr", 1.10),),
+}
 
 
 def _key(name: str, rank_fraction: float) -> tuple[str, float | None]:
@@ -111,6 +120,7 @@ def measure(d: int, rank_fractions, dtype: str, orthogonalize, optimizers,
       record["x_roofline"] = record["time_s"] / roofline_s
       record["x_muon"] = _ratio(record["time_s"], by_name.get("muon"))
       record["x_dion"] = _ratio(record["time_s"], by_name.get("dion"))
+      record["x_qr"] = _ratio(record["time_s"], by_name.get("orth_dion"))
     records += by_name.values()
   return records
 
@@ -124,7 +134,7 @@ def _row(record: dict) -> list[object]:
       1e3 * record["time_s"], record["spread"],
       record["matmul_gflops"] if name == ROOFLINE else None,
       record["x_roofline"],
-      record["x_muon"], record["x_dion"],
+      record["x_muon"], record["x_dion"], record["x_qr"],
       record.get("state_bytes_per_param"),
       None if temp is None else temp / 2**20,
       record.get("temp_per_matrix_f32")]
@@ -133,15 +143,16 @@ def _row(record: dict) -> list[object]:
 def _target_lines(records: list[dict]) -> list[str]:
   lines = []
   for record in records:
-    if (record["optimizer"], record["d"], record["rank_fraction"],
-        record["dtype"]) != ("orth_dion", 2048, 0.25, "float32"):
+    name = record["optimizer"]
+    if (name not in _TARGETS or (record["d"], record["rank_fraction"],
+                                 record["dtype"]) != (2048, 0.25, "float32")):
       continue
-    for field, bound in _TARGETS:
+    for field, bound in _TARGETS[name]:
       value = record.get(field)
       verdict = ("n/a" if value is None else
                  "at or below" if value <= bound else "above")
       shown = "-" if value is None else f"{value:.3f}"
-      lines.append(f"  orth_dion {field} = {shown} (reference {bound}: "
+      lines.append(f"  {name} {field} = {shown} (reference {bound}: "
                    f"{verdict})")
   return lines
 
@@ -178,7 +189,7 @@ def main(argv=None) -> None:
   print(workload.format_table(_COLUMNS, [_row(r) for r in records]))
   targets = _target_lines(records)
   if targets:
-    print("Orth-Dion against reference ratios (d = 2048, rank 1/4, float32):")
+    print("Against reference ratios (d = 2048, rank 1/4, float32):")
     print("\n".join(targets))
   workload.write_json(args.json, records)
 

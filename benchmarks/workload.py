@@ -31,9 +31,17 @@ import orth_dion_jax
 
 Shapes = dict[str, tuple[int, int]]
 
-OPTIMIZERS = ("orth_dion", "dion", "muon", "adamw")
-LOW_RANK = ("orth_dion", "dion")
+OPTIMIZERS = ("orth_dion", "orth_dion_polar", "dion", "muon", "adamw")
+LOW_RANK = ("orth_dion", "orth_dion_polar", "dion")
 PRODUCTS = ("B Q", "B^T P", "P R^T", "P Q^T")
+
+# The alias and the settings each low-rank name stands for: orth_dion_polar
+# is Orth-Dion with the exact rank-r polar right factor.
+_LOW_RANK_ALIASES = {
+    "orth_dion": (orth_dion_jax.orth_dion, {}),
+    "orth_dion_polar": (orth_dion_jax.orth_dion, {"right_factor": "polar"}),
+    "dion": (orth_dion_jax.dion, {}),
+}
 
 # Step sizes do not change the cost of an update; these are the usual ones.
 _LEARNING_RATE = 0.01
@@ -96,11 +104,11 @@ def optimizer(name: str, *, rank_fraction: float, momentum_dtype,
   and AdamW take none: under ``jit`` the partitioner places them.
   """
   if name in LOW_RANK:
-    factory = orth_dion_jax.orth_dion if name == "orth_dion" else (
-        orth_dion_jax.dion)
+    factory, settings = _LOW_RANK_ALIASES[name]
     method = {} if orthogonalize is None else {"orthogonalize": orthogonalize}
     return factory(_LEARNING_RATE, rank_fraction=rank_fraction,
-                   momentum_dtype=momentum_dtype, **method, **placement)
+                   momentum_dtype=momentum_dtype, **settings, **method,
+                   **placement)
   if placement:
     raise ValueError(f"{name} takes no placement; got {sorted(placement)}.")
   if name == "muon":

@@ -316,14 +316,16 @@ def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
   fig, axes = plt.subplots(2, 2, figsize=(15, 10))
   (ax_curve, ax_sweep), (ax_nu, ax_align) = axes
   palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  colors = {name: palette[i % len(palette)] for i, name in enumerate(results)}
+  # One colour per optimizer and rank, the form by line style: an arm's mu and beta runs read as
+  # one family.
+  families = list(dict.fromkeys((r.arm.optimizer, r.arm.rank) for r in results.values()))
   for name, result in results.items():
-    # The form by line style, so that an arm's mu and beta runs read as one family.
-    style = dict(color=colors[name], label=name, ls=":" if result.arm.form == "mu" else "-")
+    color = palette[families.index((result.arm.optimizer, result.arm.rank)) % len(palette)]
+    style = dict(color=color, label=name, ls=":" if result.arm.form == "mu" else "-")
     steps = result.runs[0].curve()[0]
     val = np.array([run.curve()[1] for run in result.runs])
     ax_curve.plot(steps, val.mean(axis=0), **style)
-    ax_curve.fill_between(steps, val.min(axis=0), val.max(axis=0), color=colors[name], alpha=0.15)
+    ax_curve.fill_between(steps, val.min(axis=0), val.max(axis=0), color=color, alpha=0.15)
     if result.sweep:
       ax_sweep.plot([p.lr for p in result.sweep], [min(p.val_loss, 10.0) for p in result.sweep],
                     marker="o", **style)
@@ -333,7 +335,8 @@ def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
         ax.plot(np.arange(1, values.size + 1), values, **style)
   bottom = min(r.losses.min() for r in results.values())
   ax_curve.set(xlabel="step", ylabel="validation loss (nats/byte), seed mean and range",
-               title="validation loss at each arm's learning rate", ylim=(bottom - 0.03, bottom + 0.6))
+               title="validation loss at each arm's learning rate",
+               ylim=(bottom - 0.03, bottom + 0.6))
   ax_sweep.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (sweep seeds)",
                title="learning-rate sweep")
   ax_nu.set(xlabel="step", ylabel="nu = ||P Q^T||_op, mean over matrices", title="update norm")
@@ -373,7 +376,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--forms", nargs="+", choices=FORMS, default=None,
       help=f"error-feedback forms of the low-rank arms (default: {' '.join(DEFAULT_FORMS)})")
   add("--ranks", nargs="+", type=int, choices=RANKS, default=None,
-      help=f"rank fractions 1/k of the low-rank arms (default: {' '.join(map(str, DEFAULT_RANKS))})")
+      help=f"rank fractions 1/k of the low-rank arms (default: "
+           f"{' '.join(map(str, DEFAULT_RANKS))})")
   add("--full", action="store_true", help="every form and rank (unless --forms / --ranks say)")
   add("--lrs-from", default=None, help="a results.json whose arms' rates to use: no sweep")
   add("--data", default=None)
@@ -396,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   arms = arm_grid(args.arms, args.forms, args.ranks)
   fixed = {}
   if args.lrs_from:
-    fixed = {s["arm"]: s["best_lr"] for s in json.loads(pathlib.Path(args.lrs_from).read_text())["arms"]}
+    earlier = json.loads(pathlib.Path(args.lrs_from).read_text())
+    fixed = {s["arm"]: s["best_lr"] for s in earlier["arms"]}
     if missing := [arm.name for arm in arms if arm.name not in fixed]:
       raise SystemExit(f"--lrs-from {args.lrs_from} has no rate for {', '.join(missing)}")
   base = TrainConfig(

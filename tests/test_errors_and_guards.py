@@ -64,17 +64,48 @@ def test_invalid_hyperparameters_name_the_argument(factory, kwargs, error,
     factory(**kwargs)
 
 
+@pytest.mark.parametrize("right_factor", ["qr", "polar"])
+def test_dion_fixes_its_right_factor(right_factor):
+  """dion(right_factor="qr") would silently be Orth-Dion: it is refused."""
+  with pytest.raises(TypeError, match=r"\bright_factor\b.*dion fixes the "
+                     r"column-normalized right factor"):
+    orth_dion_jax.dion(0.01, right_factor=right_factor)
+
+
+def test_orth_dion_refuses_dions_right_factor():
+  with pytest.raises(TypeError, match=r"right_factor='column'.*use dion"):
+    orth_dion_jax.orth_dion(0.01, right_factor="column")
+
+
 @pytest.mark.parametrize("factory", [orth_dion_jax.orth_dion,
                                      orth_dion_jax.dion])
-def test_aliases_fix_the_right_factor(factory):
-  """dion(right_factor="qr") would silently be Orth-Dion: it is refused."""
-  with pytest.raises(TypeError, match=r"\bright_factor\b.*dion fixes the QR right factor"):
-    factory(0.01, right_factor="qr")
+@pytest.mark.parametrize("kwargs,unused", [
+    (dict(beta=0.9), "beta"),
+    (dict(error_feedback="mu", beta=0.9), "beta"),
+    (dict(error_feedback="beta", mu=0.9), "mu"),
+])
+def test_a_decay_of_the_other_form_is_refused(factory, kwargs, unused):
+  """beta with the mu-form would be silently ignored: it is an error."""
+  with pytest.raises(ValueError, match=rf"^{unused} applies to "
+                     rf"error_feedback='{unused}'"):
+    factory(0.01, **kwargs)
 
 
-def test_error_feedback_takes_its_decays_not_mu():
-  with pytest.raises(TypeError, match=r"'mu': give captured_decay"):
-    orth_dion_jax.scale_by_error_feedback(mu=0.5)
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(error_feedback="nesterov"), "error_feedback"),
+    (dict(error_feedback="beta", beta=1.5), "beta"),
+    (dict(error_feedback="beta", beta=float("nan")), "beta"),
+    (dict(mu=1.0), "mu"),
+])
+def test_invalid_error_feedback_settings_name_the_argument(kwargs, name):
+  with pytest.raises(ValueError, match=rf"\b{name}\b"):
+    orth_dion_jax.orth_dion(0.01, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["mu", "beta", "error_feedback"])
+def test_error_feedback_takes_its_decays_not_a_form(name):
+  with pytest.raises(TypeError, match=rf"'{name}': give residual_decay"):
+    orth_dion_jax.scale_by_error_feedback(**{name: 0.5})
 
 
 def test_invalid_right_factor_names_the_argument():
