@@ -104,8 +104,10 @@ def _train(tx, params, grads, *, per_replica: bool, put=lambda t, lead: t):
 
 
 @functools.cache
-def _single_device(replicas: int, right_factor: str, method: str):
-  tx = _optimizer(right_factor=right_factor, orthogonalize=method)
+def _single_device(replicas: int, right_factor: str, method: str,
+                   form: str = "mu"):
+  tx = _optimizer(right_factor=right_factor, orthogonalize=method,
+                  error_feedback=form)
   params, state = _train(tx, _arrays(0), _gradients(replicas),
                          per_replica=False)
   return jax.device_get((params, state))
@@ -130,8 +132,8 @@ def _assert_close(actual, expected, what):
 
 
 def _assert_matches_single_device(params, state, replicas, right_factor,
-                                  method):
-  ref_params, ref_state = _single_device(replicas, right_factor, method)
+                                  method, form="mu"):
+  ref_params, ref_state = _single_device(replicas, right_factor, method, form)
   for k in SHAPES:
     _assert_close(params[k], ref_params[k], f"params[{k}]")
   lr, ref_lr = _low_rank_state(state), _low_rank_state(ref_state)
@@ -141,6 +143,7 @@ def _assert_matches_single_device(params, state, replicas, right_factor,
                   f"momentum[{k}]")
     _assert_close(lr.right_factor[k], ref_lr.right_factor[k],
                   f"right_factor[{k}]")
+    _assert_close(lr.alignment[k], ref_lr.alignment[k], f"alignment[{k}]")
     np.testing.assert_array_equal(lr.nonfinite_count[k],
                                   ref_lr.nonfinite_count[k])
   adam, ref_adam = (s.inner_states["adam"] for s in (state, ref_state))
@@ -149,10 +152,12 @@ def _assert_matches_single_device(params, state, replicas, right_factor,
 
 
 def _run_sharded(mesh_shape, *, compressed, right_factor="qr",
-                 method="cholesky_qr", axis_type=AxisType.Explicit):
+                 method="cholesky_qr", form="mu",
+                 axis_type=AxisType.Explicit):
   mesh = _mesh(mesh_shape, axis_type)
   specs = SPECS if axis_type == AxisType.Auto else None
-  tx = _optimizer(right_factor=right_factor, orthogonalize=method, mesh=mesh,
+  tx = _optimizer(right_factor=right_factor, orthogonalize=method,
+                  error_feedback=form, mesh=mesh,
                   param_specs=specs, data_axis="data" if compressed else None)
   replicas = mesh_shape[0]
   with jax.set_mesh(mesh):
@@ -184,16 +189,21 @@ def test_matches_single_device(mesh_shape, compressed):
 
 @pytest.mark.parametrize("compressed", [False, True],
                          ids=["sharded", "compressed_dp"])
-@pytest.mark.parametrize("right_factor,method", [
-    ("column", "cholesky_qr"),
-    ("qr", "householder"),
-    ("qr", "randomized_cholesky_qr"),
+@pytest.mark.parametrize("right_factor,method,form", [
+    ("column", "cholesky_qr", "mu"),
+    ("qr", "householder", "mu"),
+    ("qr", "randomized_cholesky_qr", "mu"),
+    ("polar", "cholesky_qr", "mu"),
+    ("polar", "householder", "beta"),
+    ("qr", "cholesky_qr", "beta"),
+    ("column", "randomized_cholesky_qr", "beta"),
 ])
-def test_every_method_matches_single_device(right_factor, method,
-                                            compressed):
+def test_every_method_and_form_matches_single_device(right_factor, method,
+                                                     form, compressed):
   _, params, state = _run_sharded((2, 2, 2), compressed=compressed,
-                                  right_factor=right_factor, method=method)
-  _assert_matches_single_device(params, state, 2, right_factor, method)
+                                  right_factor=right_factor, method=method,
+                                  form=form)
+  _assert_matches_single_device(params, state, 2, right_factor, method, form)
 
 
 @pytest.mark.parametrize("compressed", [False, True],
