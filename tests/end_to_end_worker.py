@@ -18,18 +18,17 @@ where the example's model (``examples.model``, at d = 64 and at d = 128) ran thr
 
 A training configuration is named ``OPTIMIZER-METHOD-FORM-PLACEMENT``:
 
-* OPTIMIZER: ``orth_dion`` (right factor "qr") or ``dion`` (right factor "column");
+* OPTIMIZER: ``orth_dion`` (right factor "qr"), ``polar`` (``orth_dion`` with
+  ``right_factor="polar"``) or ``dion`` (right factor "column");
 * METHOD: the ``orthogonalize`` method, ``cholesky_qr``, ``householder`` or
   ``randomized_cholesky_qr``;
-* FORM: ``mu``, the error feedback ``orth_dion`` / ``dion`` build (mu = 0.95), or ``beta``, the
-  paper's analysed form ``E = beta (B - P P^T B)`` with beta = ``BETA`` (0.9, the README's
-  recipe), built by hand as ``optax.partition`` of ``scale_by_error_feedback`` (then decoupled
-  weight decay and the learning rate) for the block matrices and AdamW for the rest;
+* FORM: ``error_feedback="mu"`` (mu = ``MU``) or ``"beta"``, the paper's form
+  ``E = beta (B - P P^T B)`` (beta = ``BETA``);
 * PLACEMENT: ``single`` (one device), ``mesh`` (a 1 x 2 x 2 data x fsdp x tensor mesh with the
   weights sharded over fsdp x tensor, as ``examples.model.partition_specs`` shards the example's;
   the optimizer gets ``mesh=`` and ``param_specs=``) or ``dp`` (a 2 x 2 x 1 mesh with compressed
   data parallelism over "data", ``data_axis="data"``, gradients per replica from
-  ``orth_dion_jax.per_replica_value_and_grad``; mu-form only).
+  ``orth_dion_jax.per_replica_value_and_grad``).
 
 Each runs ``STEPS`` jitted train steps. The name ``householder_four_layers`` instead runs
 ``orth_dion(..., orthogonalize="householder")`` on four layers of (128, 384), (128, 128),
@@ -89,7 +88,7 @@ MU = 0.95
 BETA = 0.9  # beta-form residual decay, as in the README's recipe
 SEED = 0
 
-RIGHT_FACTORS = {"orth_dion": "qr", "dion": "column"}
+RIGHT_FACTORS = {"orth_dion": "qr", "polar": "polar", "dion": "column"}
 METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
 FORMS = ("mu", "beta")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -189,8 +188,6 @@ def parse(name: str) -> tuple[str, str, str, str]:
       or parts[2] not in FORMS or parts[3] not in PLACEMENTS):
     raise ValueError(f"unknown configuration {name!r}: expected OPTIMIZER-METHOD-FORM-PLACEMENT "
                      f"from {sorted(RIGHT_FACTORS)}, {METHODS}, {FORMS}, {sorted(PLACEMENTS)}")
-  if parts[2] == "beta" and parts[3] == "dp":
-    raise ValueError(f"{name}: compressed data parallelism is run in the mu-form only")
   return parts[0], parts[1], parts[2], parts[3]
 
 
@@ -200,25 +197,18 @@ def learning_rate(peak: float) -> optax.Schedule:
 
 def make_optimizer(optimizer: str, method: str, form: str, mesh, param_specs,
                    data_axis: str | None) -> optax.GradientTransformation:
-  """What a user builds: `orth_dion` / `dion` (mu-form), or the beta-form by hand."""
+  """What a user builds: `orth_dion` or `dion` with the configuration's settings."""
   lr, adam_lr = learning_rate(LEARNING_RATE), learning_rate(ADAM_LEARNING_RATE)
-  if form == "mu":
-    factory = orth_dion_jax.orth_dion if optimizer == "orth_dion" else orth_dion_jax.dion
-    return factory(lr, rank_fraction=RANK_FRACTION, mu=MU, weight_decay=WEIGHT_DECAY,
-                   orthogonalize=method, seed=SEED, adam_learning_rate=adam_lr, mesh=mesh,
-                   param_specs=param_specs, data_axis=data_axis)
-  compressor = orth_dion_jax.LowRankCompressor(
-      rank_fraction=RANK_FRACTION, right_factor=RIGHT_FACTORS[optimizer], orthogonalize=method,
-      seed=SEED)
-  low_rank = optax.chain(
-      orth_dion_jax.scale_by_error_feedback(
-          compressor, residual_decay=BETA, captured_decay=0.0, mesh=mesh,
-          param_specs=param_specs),
-      optax.add_decayed_weights(WEIGHT_DECAY),
-      optax.scale_by_learning_rate(lr))
-  adam = optax.adamw(adam_lr, b1=0.95, b2=0.98, weight_decay=0.0)
-  return optax.partition({"low_rank": low_rank, "adam": adam},
-                         orth_dion_jax.default_param_labels)
+  right_factor = RIGHT_FACTORS[optimizer]
+  chosen = {"mu": MU} if form == "mu" else {"beta": BETA}
+  if right_factor == "column":
+    factory = orth_dion_jax.dion
+  else:
+    factory = functools.partial(orth_dion_jax.orth_dion, right_factor=right_factor)
+  return factory(lr, rank_fraction=RANK_FRACTION, error_feedback=form, **chosen,
+                 weight_decay=WEIGHT_DECAY, orthogonalize=method, seed=SEED,
+                 adam_learning_rate=adam_lr, mesh=mesh, param_specs=param_specs,
+                 data_axis=data_axis)
 
 
 def build(optimizer: str, method: str, form: str, mesh: jax.sharding.Mesh,

@@ -1,13 +1,13 @@
 """End to end: a small transformer LM trains with every optimizer configuration a user can choose,
 and none of them hangs.
 
-Every combination of optimizer (Orth-Dion, right factor "qr"; Dion, right factor "column"),
-``orthogonalize`` method (cholesky_qr, householder, randomized_cholesky_qr), error-feedback form
-(the mu-form ``orth_dion`` / ``dion`` build; the paper's beta-form built from
-``scale_by_error_feedback``) and placement (one device; a 2 x 2 fsdp x tensor mesh with sharded
-weights, the optimizer given ``mesh=`` and ``param_specs=``) trains a GPT-style byte-level LM
-(4 blocks, d_model 128, 2-D weights: ``end_to_end_worker.py``) on real text for 40 jitted steps,
-and so does compressed data parallelism over a "data" axis of 2 for each optimizer. Each
+Every combination of optimizer (Orth-Dion, right factor "qr"; its polar variant,
+``right_factor="polar"``; Dion, right factor "column"), ``orthogonalize`` method (cholesky_qr,
+householder, randomized_cholesky_qr), error-feedback form (``error_feedback="mu"`` or the paper's
+``"beta"``) and placement (one device; a 2 x 2 fsdp x tensor mesh with sharded weights, the
+optimizer given ``mesh=`` and ``param_specs=``) trains a GPT-style byte-level LM (4 blocks,
+d_model 128, 2-D weights: ``end_to_end_worker.py``) on real text for 40 jitted steps, and so does
+compressed data parallelism over a "data" axis of 2 for each optimizer and form. Each
 configuration is its own test and must finish, keep every loss and parameter finite, and bring the
 mean loss of its last 5 steps at least ``LOSS_DROP`` nats below that of its first 5. A last test
 runs ``orth_dion(..., orthogonalize="householder")`` on four layers of (128 x 384, 128 x 128,
@@ -59,7 +59,7 @@ IDLE_CPU_S = 0.2
 PARALLEL_WORKERS = 2
 LOSS_DROP = 1.0  # nats; 40 steps take the LM from ~4.4 (first 5 steps) to ~2.8 (last 5)
 
-OPTIMIZERS = ("orth_dion", "dion")
+OPTIMIZERS = ("orth_dion", "polar", "dion")
 METHODS = ("cholesky_qr", "householder", "randomized_cholesky_qr")
 FORMS = ("mu", "beta")
 HOUSEHOLDER = "householder_four_layers"
@@ -73,11 +73,10 @@ def _group(optimizer: str, placement: str) -> list[str]:
 # group -> (the devices its worker sees, its configurations). One device: no simulated devices.
 # The longest first: with PARALLEL_WORKERS at a time they then finish together.
 GROUPS = {
-    "orth_dion-mesh": (4, _group("orth_dion", "mesh")),
-    "dion-mesh": (4, _group("dion", "mesh")),
-    "orth_dion-single": (1, _group("orth_dion", "single")),
-    "dion-single": (1, _group("dion", "single")),
-    "data-parallel": (4, [f"{optimizer}-cholesky_qr-mu-dp" for optimizer in OPTIMIZERS]),
+    **{f"{optimizer}-mesh": (4, _group(optimizer, "mesh")) for optimizer in OPTIMIZERS},
+    **{f"{optimizer}-single": (1, _group(optimizer, "single")) for optimizer in OPTIMIZERS},
+    "data-parallel": (4, [f"{optimizer}-cholesky_qr-{form}-dp" for optimizer in OPTIMIZERS
+                          for form in FORMS]),
     "householder": (1, [HOUSEHOLDER]),
     "stacked": (4, [STACKED]),
 }
