@@ -18,7 +18,8 @@ Procedure, identical for every arm:
      and polar), scored by the mean final validation loss over those seeds. While the best score
      sits at an end of the grid, the grid grows by one rate at that end (at most --max-extensions
      times); a best rate still at an end is reported as an edge hit. --lrs-from skips the sweep and
-     takes each arm's rate from an earlier results.json (for longer runs; the report says so).
+     takes each arm's rate from an earlier results.json (for longer runs), --lr gives every arm
+     one rate; the report marks such rates "fixed".
   2. The best rate is rerun on --seeds fresh seeds (not the sweep seeds, so the reported losses are
      independent of the selection). A seed sets the model's initialization and the batch order, so
      seed s of one arm and seed s of another see the same data from the same start: the
@@ -285,7 +286,7 @@ def tables(summaries: Sequence[dict], rows: Sequence[dict]) -> str:
            "| arm | lr | lr at grid edge | final val loss | nu mean | nu max | alignment mean | "
            "alignment min |", "|---|---|---|---|---|---|---|---|"]
   for s in summaries:
-    edge = (s["edge"] or "no") if s["lr_source"] == "sweep" else "fixed (--lrs-from)"
+    edge = (s["edge"] or "no") if s["lr_source"] == "sweep" else "fixed, no sweep"
     lines.append(f"| {s['arm']} | {s['best_lr']:.4g} | {edge} | {s['val_loss_mean']:.4f} ± "
                  f"{s['val_loss_std']:.4f} | {_num(s['nu_mean'])} | {_num(s['nu_max'])} | "
                  f"{_num(s['alignment_mean'])} | {_num(s['alignment_min'])} |")
@@ -379,7 +380,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       help=f"rank fractions 1/k of the low-rank arms (default: "
            f"{' '.join(map(str, DEFAULT_RANKS))})")
   add("--full", action="store_true", help="every form and rank (unless --forms / --ranks say)")
-  add("--lrs-from", default=None, help="a results.json whose arms' rates to use: no sweep")
+  rates = parser.add_mutually_exclusive_group()
+  rates.add_argument("--lrs-from", default=None,
+                     help="a results.json whose arms' rates to use: no sweep")
+  rates.add_argument("--lr", type=float, default=None, help="one rate for every arm: no sweep")
   add("--data", default=None)
   add("--out", default="runs/compare")
   add("--json", default=None, help="default: <out>/results.json")
@@ -398,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   started = time.perf_counter()
   out = pathlib.Path(args.out)
   arms = arm_grid(args.arms, args.forms, args.ranks)
-  fixed = {}
+  fixed = {arm.name: args.lr for arm in arms} if args.lr else {}
   if args.lrs_from:
     earlier = json.loads(pathlib.Path(args.lrs_from).read_text())
     fixed = {s["arm"]: s["best_lr"] for s in earlier["arms"]}

@@ -43,9 +43,10 @@ def test_low_rank_arms_are_valid_runs_at_the_fixed_decay(arm, expected):
   assert config.rank_fraction == pytest.approx(1 / arm.rank)
 
 
-def test_fewer_than_two_seeds_is_refused():
+@pytest.mark.parametrize("flags", [["--seeds", "1"], ["--lr", "0.1", "--lrs-from", "x.json"]])
+def test_too_few_seeds_and_two_sources_of_rates_are_refused(flags):
   with pytest.raises(SystemExit):
-    compare.parse_args(["--seeds", "1"])
+    compare.parse_args(flags)
 
 
 def test_paired_difference_matches_a_hand_computation():
