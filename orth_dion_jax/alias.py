@@ -85,9 +85,12 @@ def orth_dion(learning_rate: optax.ScalarOrSchedule,
     Q = qr_+(R);  X = (1 - lr wd) X - lr s P Q^T
 
   ``P Q^T`` is an exact rank-r partial isometry (its r singular values are
-  1), the steepest-descent direction of the rank-r spectral geometry.
+  1), a descent direction in the unit ball of the rank-r spectral geometry.
   Dion's column-normalized ``Q`` (``dion``) leaves that unit ball: its
-  spectral norm can reach sqrt(r).
+  spectral norm can reach sqrt(r). ``right_factor="polar"`` takes
+  ``Q = polar(R)``, the partial isometry best aligned with ``B``
+  (``P Q^T = polar(P P^T B)``); ``error_feedback="beta"`` is the form the
+  paper's experiments ran, ``M = beta (B - P R^T)``.
 
   Routing (``routing``): matrices get Orth-Dion, except embeddings, heads,
   norms and biases, which get AdamW with every non-matrix leaf;

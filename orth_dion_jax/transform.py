@@ -296,7 +296,7 @@ def scale_by_error_feedback(
 
 @settings.accepts(LowRankCompressor, ErrorFeedback, MatrixAxes, Placement)
 def scale_by_orth_dion(**kwargs) -> optax.GradientTransformation:
-  r"""Orth-Dion's direction ``s P Q^T`` in the reference mu-form.
+  r"""Orth-Dion's direction ``s P Q^T`` with its error-feedback momentum.
 
   .. math::
     B = M + G;\ P = \mathrm{orth}(B Q);\ R = B^\top P;\
@@ -305,7 +305,10 @@ def scale_by_orth_dion(**kwargs) -> optax.GradientTransformation:
 
   ``qr_+`` is the QR with a positive triangular diagonal, so ``P Q^T`` is an
   exact rank-r partial isometry (all r singular values 1) aligned with ``B``.
-  With ``right_factor="column"`` this is Dion's direction.
+  With ``right_factor="polar"``, ``Q = polar(R)`` and
+  ``P Q^T = polar(P P^T B)``; with ``right_factor="column"`` this is Dion's
+  direction. ``error_feedback="beta"`` keeps ``M = beta (B - P R^T)``
+  instead (the paper's form).
 
   Returns:
     An ``optax.GradientTransformation`` with state ``OrthDionState``.
