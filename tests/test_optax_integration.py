@@ -1,7 +1,7 @@
 """Orth-Dion behaves like any optax optimizer.
 
 It composes with ``optax.chain``, ``inject_hyperparams`` (schedules for the
-learning rate, mu and weight decay), ``MultiSteps``, ``apply_if_finite`` and
+learning rate, mu or beta and weight decay), ``MultiSteps``, ``apply_if_finite`` and
 masks; it accepts extra arguments; it keeps parameter dtypes and a stable
 state; jit does not change its results; its right factors can be read and
 written with ``optax.tree``.
@@ -73,9 +73,13 @@ MU = optax.linear_schedule(0.5, 0.95, STEPS)
 WD = optax.exponential_decay(0.2, STEPS, 0.1)
 
 
+@pytest.mark.parametrize("form,right_factor", [
+    ("mu", "qr"), ("beta", "qr"), ("beta", "polar")])
 @pytest.mark.parametrize("injected", [True, False],
                          ids=["inject_hyperparams", "schedules"])
-def test_schedules_for_learning_rate_mu_and_weight_decay(injected):
+def test_schedules_for_learning_rate_decay_and_weight_decay(injected, form,
+                                                             right_factor):
+  """mu (mu-form) or beta (beta-form) as a schedule, or injected."""
   rng = np.random.default_rng(9)
   params = kernel_tree(rng, SHAPES)
   if injected:
@@ -83,15 +87,19 @@ def test_schedules_for_learning_rate_mu_and_weight_decay(injected):
         orth_dion_jax.orth_dion, static_args=orth_dion_jax.STATIC_ARGS)
   else:
     factory = orth_dion_jax.orth_dion
-  tx = factory(learning_rate=LR, mu=MU, weight_decay=WD, rank=4)
+  decay = "mu" if form == "mu" else "beta"
+  tx = factory(learning_rate=LR, **{decay: MU}, weight_decay=WD, rank=4,
+               error_feedback=form, right_factor=right_factor)
   state = run_against_reference(
-      tx, params, gradient_steps(rng, SHAPES, STEPS),
+      tx, params, gradient_steps(rng, SHAPES, STEPS), form=form,
+      right_factor=right_factor, rebase=form == "beta",
       hyperparams=lambda t: dict(learning_rate=float(LR(t)),
                                  decay=float(MU(t)), weight_decay=float(WD(t))),
       learning_rate=None)
   if injected:   # numeric hyperparameters live in the state, static ones not
-    np.testing.assert_allclose(state.hyperparams["mu"], MU(STEPS - 1))
+    np.testing.assert_allclose(state.hyperparams[decay], MU(STEPS - 1))
     assert "rank" not in state.hyperparams
+    assert "error_feedback" not in state.hyperparams
 
 
 def test_multi_steps_equals_a_step_on_the_mean_gradient():

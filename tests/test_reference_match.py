@@ -104,7 +104,9 @@ def test_power_iterations_and_rms_scale_match_reference(right_factor):
                rank_fraction=0.25, power_iters=3, scale="rms")
 
 
-def test_nd_weights_match_reference_slice_by_slice():
+@pytest.mark.parametrize("form,right_factor", [
+    ("mu", "qr"), ("beta", "polar")])
+def test_nd_weights_match_reference_slice_by_slice(form, right_factor):
   """Batch axes are independent matrices; merged axes form one fan."""
   dims = {
       # (layers, d_in, d_out): a scan-stacked Dense kernel.
@@ -121,11 +123,14 @@ def test_nd_weights_match_reference_slice_by_slice():
   rng = np.random.default_rng(2)
   lr = 0.1
   tx = optax.chain(
-      orth_dion_jax.scale_by_orth_dion(rank=3, weight_dimension_numbers=dims),
+      orth_dion_jax.scale_by_orth_dion(
+          rank=3, weight_dimension_numbers=dims, error_feedback=form,
+          right_factor=right_factor),
       optax.scale_by_learning_rate(lr))
   state = run_against_reference(
       tx, kernel_tree(rng, shapes, dims),
-      gradient_steps(rng, shapes, STEPS, dims), dims=dims, learning_rate=lr)
+      gradient_steps(rng, shapes, STEPS, dims), dims=dims, learning_rate=lr,
+      form=form, decay=0.95, right_factor=right_factor, rebase=form == "beta")
   chex.assert_trees_all_equal_shapes(
       optax.tree.get(state, "right_factor"),
       {"stacked": np.zeros((3, 8, 3)), "query": np.zeros((12, 3)),
