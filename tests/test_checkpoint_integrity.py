@@ -182,6 +182,9 @@ OTHER_FLAGS = [
     (["--orthogonalize", "householder"],
      ["--orthogonalize: the default in the checkpoint, householder now"]),
     (["--optimizer", "adamw"], ["--optimizer: orth_dion in the checkpoint, adamw now"]),
+    # The right factor and the error-feedback form change no shape either.
+    (["--right-factor", "polar"], ["--right-factor: qr in the checkpoint, polar now"]),
+    (["--error-feedback", "beta"], ["--error-feedback: mu in the checkpoint, beta now"]),
 ]
 
 

@@ -80,6 +80,12 @@ INVALID = [
     (["--mesh-fsdp", "3"], "--mesh-fsdp"),
     (["--d-model", "30", "--n-heads", "4"], "--n-heads"),
     (["--compressed-dp", "--optimizer", "adamw"], "--compressed-dp"),
+    (["--right-factor", "polar", "--optimizer", "dion"], "--right-factor polar needs orth_dion"),
+    (["--right-factor", "column"], "--right-factor"),
+    (["--error-feedback", "beta", "--optimizer", "muon"], "--error-feedback needs"),
+    (["--decay", "0.9", "--optimizer", "adamw"], "--decay needs"),
+    (["--decay", "1"], "--decay 1 is not a mu"),
+    (["--decay", "1.5"], "--decay"),
     # Nothing to compress over one replica (and no mesh for the optimizer).
     (["--compressed-dp"], "--compressed-dp needs --mesh-data > 1"),
     (["--warmup-steps", "5"], "--warmup-steps 5 is more than --steps 4"),  # TINY has --steps 4
