@@ -3,11 +3,17 @@
 The weight set is one transformer block's matrices (``d x d``, ``d x 4d``,
 ``4d x d``) at rank 1/4; the update is ``(params, state, grads) -> (params,
 state)`` jitted with parameters and state donated, as a training loop runs
-it. The bounds on temporaries are the measured figures (1.46 and 2.37 float32
-``m x n`` per matrix on XLA:CPU at d = 128, with the non-finite guard; 1.40
-and 2.29 before it, see benchmarks/README.md) plus a margin; they
-catch a change that makes the update keep another weight-sized array (one more
-is +1.0, and a float32 copy of a bfloat16 momentum per product +2.0).
+it. The bounds on temporaries are the measured figures (1.46 and 2.51 float32
+``m x n`` per matrix on XLA:CPU at d = 128, with the non-finite guard and the
+alignment diagnostic; 1.46 and 2.37 without the diagnostic, 1.40 and 2.29
+without either, see benchmarks/README.md) plus a margin; they catch a change
+that makes the update keep another weight-sized array (one more is +1.0, and
+a float32 copy of a bfloat16 momentum per product +2.0). The diagnostic's
+0.14 with a bfloat16 momentum is XLA:CPU's schedule keeping the float32
+buffers of two matrices alive a little longer: its own work is ``r x r``
+(tried: computing it before the feedback, from the ``r x r`` products only,
+behind an optimization barrier; none went below 2.46). The polar right
+factor measures 1.46 and 2.60.
 """
 
 import math
@@ -61,13 +67,15 @@ def test_state_is_the_momentum_and_the_float32_right_factor(momentum_dtype):
 
 
 @cpu_only
-@pytest.mark.parametrize("momentum_dtype,bound", [(jnp.float32, 1.5),
-                                                  (jnp.bfloat16, 2.45)])
-def test_update_temporaries_stay_within_the_measured_bound(momentum_dtype,
-                                                           bound):
+@pytest.mark.parametrize("right_factor,momentum_dtype,bound", [
+    ("qr", jnp.float32, 1.5), ("qr", jnp.bfloat16, 2.6),
+    ("polar", jnp.float32, 1.5), ("polar", jnp.bfloat16, 2.7)])
+def test_update_temporaries_stay_within_the_measured_bound(
+    right_factor, momentum_dtype, bound):
   params = _params()
   tx = orth_dion_jax.orth_dion(0.01, rank_fraction=RANK_FRACTION,
-                               momentum_dtype=momentum_dtype)
+                               momentum_dtype=momentum_dtype,
+                               right_factor=right_factor)
   compiled, state = _compiled_update(tx, params)
   stats = compiled.memory_analysis()
   one_float32_per_matrix = 4 * sum(m * n for m, n in SHAPES.values())
