@@ -345,7 +345,8 @@ def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
                title="alignment (1 for polar)")
   for ax in axes.flat:
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.has_data():  # the sweep panel stays empty when every rate was fixed
+      ax.legend(fontsize=7)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
