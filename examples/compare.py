@@ -2,15 +2,15 @@
 at each rank fraction (1/2, 1/4, 1/8) Dion, Orth-Dion and Orth-Dion with the polar right factor,
 on one small byte-level transformer with the same data, steps and seeds for every arm.
 
-    python -m examples.compare                       # default: about 15 min on 2 busy CPU cores
+    python -m examples.compare                       # default: 17 min on 2 busy CPU cores
     python -m examples.compare --full                # all 20 arms: about an hour
     python -m examples.compare --forms mu beta --ranks 4 --arms dion orth_dion polar
     python -m examples.compare --steps 900 --lrs-from runs/compare/results.json --arms dion ...
 
 The default runs the paper's own setting, the beta-form, at rank 1/4, with AdamW and Muon as
-baselines: five arms, which fit the 25-minute budget on 2 shared cores; adding the mu-form at the
-same rank (eight arms) measured too close to it. --forms, --ranks and --arms choose other arms;
---full runs them all.
+baselines: five arms, measured at 17 minutes on 2 cores shared with other work (load 7-8), inside
+a 25-minute budget that the mu-form's three arms at the same rank (about 9 runs of 20 s each)
+would break. --forms, --ranks and --arms choose other arms; --full runs them all.
 
 Procedure, identical for every arm:
   1. Learning-rate sweep on --sweep-seeds seeds: a geometric grid of --grid-points rates, a factor

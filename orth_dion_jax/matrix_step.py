@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from orth_dion_jax import low_rank
@@ -147,7 +148,8 @@ def _finish(
     update_dtype,
     collectives: Collectives,
 ) -> MatrixStep:
-  """Update, error feedback and new state of one leaf from its factors.
+  """Update, error feedback and new state of a megabatch from its factors,
+  in layout view: ``(n, fan_in, fan_out)`` arrays and ``(n,)`` scalars.
 
   The non-finite guard, per matrix: a step is taken only when its gradient
   and schedules (``prepared.finite``), ``B``, ``R`` and the new ``Q`` are
@@ -185,25 +187,63 @@ def _finish(
     new_m = None
   else:
     residual_decay, captured_decay = (d[:, None, None] for d in decays)
-    new_m = view.from_layout(jnp.where(
+    new_m = jnp.where(
         healthy[:, None, None],
         low_rank.error_feedback(
             b, factors, small_axis=view.small_axis,
             residual_decay=residual_decay, captured_decay=captured_decay),
-        0.0).astype(momentum_dtype))
-  taken = lambda value: jnp.where(step[:, 0, 0], value, 0.0).reshape(
-      view.batch_shape)
+        0.0).astype(momentum_dtype)
+  taken = lambda value: jnp.where(step[:, 0, 0], value, 0.0)
   return MatrixStep(
-      update=view.from_layout(update),
+      update=update,
       momentum=new_m,
       right_factor=new_q,
       captured_fraction=taken(
           low_rank.captured_fraction(b, factors, b_max, collectives)),
       alignment=taken(low_rank.alignment(factors, collectives)),
       # A repaired right factor counts as a non-finite event too.
-      nonfinite_count=nonfinite_count + (~(step[:, 0, 0] & q_finite)).reshape(
-          view.batch_shape).astype(jnp.int32),
+      nonfinite_count=nonfinite_count
+      + (~(step[:, 0, 0] & q_finite)).astype(jnp.int32),
   )
+
+
+class _Megabatch(NamedTuple):
+  """Leaves whose matrices share a block shape, rank, scale, sharding and
+  dtypes: their step is one batched computation."""
+  members: list[int]   # leaf indices, in tree order
+  sizes: list[int]     # matrices of each member
+
+
+def _megabatch_key(p: _Prepared, collectives: Collectives, update_dtype):
+  v = p.view
+  return (v.fan_in, v.fan_out, v.small_axis, v.rank, v.scale, collectives,
+          p.buffer.dtype, p.momentum_dtype, jnp.dtype(update_dtype))
+
+
+def _megabatches(prepared: Sequence[_Prepared],
+                 collectives: Sequence[Collectives],
+                 update_dtypes: Sequence[jnp.dtype]) -> list[_Megabatch]:
+  groups: dict[tuple, list[int]] = {}
+  for i, (p, c, d) in enumerate(zip(prepared, collectives, update_dtypes)):
+    groups.setdefault(_megabatch_key(p, c, d), []).append(i)
+  return [_Megabatch(m, [prepared[i].buffer.shape[0] for i in m])
+          for m in groups.values()]
+
+
+def _joined(arrays: Sequence[Array]) -> Array:
+  """The matrices of a megabatch along one batch axis. ``B = M + G`` is a
+  fresh temporary, so XLA writes each leaf's part of it in place: stacking
+  costs no copy of a weight."""
+  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
+
+
+def _parted(x: Array | None, sizes: Sequence[int]) -> list[Array | None]:
+  """Inverse of ``_joined``: each member's matrices."""
+  if x is None:
+    return [None] * len(sizes)
+  if len(sizes) == 1:
+    return [x]
+  return jnp.split(x, np.cumsum(sizes)[:-1], axis=0)
 
 
 def step_matrices(compressor: LowRankCompressor,
@@ -217,6 +257,13 @@ def step_matrices(compressor: LowRankCompressor,
   given (the identity on one device), and ``collectives`` complete the sums
   across blocks and replicas. Each update comes out in its
   ``update_dtypes`` entry (the parameter's dtype, as optax's updates do).
+
+  Megabatching: the matrices of all leaves that share a block shape, rank,
+  scale, collectives and dtypes (the q, k, v and o projections of every
+  layer of an unscanned model, say) are stepped as one batch, so that a
+  model with hundreds of weights compiles and runs a handful of batched
+  products, factorizations and collectives, as its scanned form does
+  (docs/design.md, "Megabatching").
   """
   # A schedule value that is not finite skips every matrix's step.
   schedules_finite = functools.reduce(jnp.logical_and, [
@@ -224,21 +271,43 @@ def step_matrices(compressor: LowRankCompressor,
   prepared = [
       _prepare(v.localized(g.shape), g, m, c, schedules_finite)
       for v, g, m, c in zip(views, inputs.grads, inputs.momenta, collectives)]
+  batches = _megabatches(prepared, collectives, update_dtypes)
+  joined = []
+  for batch in batches:
+    first = prepared[batch.members[0]]
+    pick = lambda field: _joined(
+        [getattr(prepared[i], field) for i in batch.members])
+    joined.append(_Prepared(first.view, pick("buffer"), pick("finite"),
+                            first.momentum_dtype))
   qs, qs_finite = zip(*[
-      _finite_right_factor(
-          q.reshape(-1, p.view.small, p.view.rank), c)
-      for p, q, c in zip(prepared, inputs.right_factors, collectives)])
+      _finite_right_factor(_joined([
+          inputs.right_factors[i].reshape(-1, p.view.small, p.view.rank)
+          for i in batch.members]), collectives[batch.members[0]])
+      for batch, p in zip(batches, joined)])
   step_key = jax.random.fold_in(jax.random.key(compressor.seed), inputs.count)
   factors = low_rank.power_iteration(
       [low_rank.MatrixTask(buffer=p.buffer, right_factor=q,
-                           small_axis=p.view.small_axis, collectives=c)
-       for p, q, c in zip(prepared, qs, collectives)],
+                           small_axis=p.view.small_axis,
+                           collectives=collectives[batch.members[0]])
+       for batch, p, q in zip(batches, joined, qs)],
       config=compressor.step_config, eps=inputs.eps, key=step_key)
-  results = [
-      _finish(p, f, q, q_finite, skips, decays=inputs.decays,
-              update_dtype=dtype, collectives=c)
-      for p, f, q, q_finite, skips, dtype, c in zip(
-          prepared, factors, qs, qs_finite, inputs.nonfinite_counts,
-          update_dtypes, collectives)]
-  return [r._replace(right_factor=r.right_factor.reshape(old.shape))
-          for r, old in zip(results, inputs.right_factors)]
+  results: list[MatrixStep | None] = [None] * len(views)
+  for batch, p, f, q, q_finite in zip(batches, joined, factors, qs, qs_finite):
+    first = batch.members[0]
+    skips = _joined([inputs.nonfinite_counts[i].reshape(-1)
+                     for i in batch.members])
+    out = _finish(p, f, q, q_finite, skips, decays=inputs.decays,
+                  update_dtype=update_dtypes[first],
+                  collectives=collectives[first])
+    parts = zip(*(_parted(x, batch.sizes) for x in out))
+    for i, part in zip(batch.members, parts):
+      view = prepared[i].view
+      update, momentum, q_new, captured, aligned, skipped = part
+      results[i] = MatrixStep(
+          update=view.from_layout(update),
+          momentum=None if momentum is None else view.from_layout(momentum),
+          right_factor=q_new.reshape(inputs.right_factors[i].shape),
+          captured_fraction=captured.reshape(view.batch_shape),
+          alignment=aligned.reshape(view.batch_shape),
+          nonfinite_count=skipped.reshape(view.batch_shape))
+  return results
