@@ -9,7 +9,7 @@ on one small byte-level transformer with the same data, steps and seeds for ever
 
 The default runs the paper's own setting, the beta-form, at rank 1/4, with AdamW and Muon as
 baselines: five arms, measured at 17 minutes on 2 cores shared with other work (load 7-8), inside
-a 25-minute budget that the mu-form's three arms at the same rank (about 9 runs of 20 s each)
+a 25-minute budget that the mu-form's three arms at the same rank (about 9 runs of 20 s an arm)
 would break. --forms, --ranks and --arms choose other arms; --full runs them all.
 
 Procedure, identical for every arm:
