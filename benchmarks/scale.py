@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import math
 import pathlib
 import sys
@@ -147,7 +146,6 @@ def measure(d: int, layers: int, layouts, optimizers, rank_fraction: float,
           "leaves": len(shapes), "matrices": layers * len(layer_shapes(d)),
           "matrix_counts": matrix_counts(shapes, layout),
           "trace_s": runner.trace_s, "compile_s": runner.compile_s}
-    del params, grads
   times = workload.time_round_robin(runners, repeats)
   for key, record in records.items():
     record.update(step_s=workload.median(times[key]), steps_s=times[key],
@@ -159,8 +157,6 @@ def measure(d: int, layers: int, layouts, optimizers, rank_fraction: float,
                                 record["compile_s"] / muon["compile_s"])
     record["x_scanned_step"] = (None if scanned is None else
                                 record["step_s"] / scanned["step_s"])
-  del runners
-  gc.collect()
   return list(records.values())
 
 

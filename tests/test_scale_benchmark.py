@@ -113,15 +113,17 @@ def test_quick_run_reports_every_candidate_with_measured_times(tmp_path,
 
 def test_accelerator_plan_fits_8_minutes_and_covers_the_issue():
   parts = {part.name: part for part in accelerator.plan(quick=False)}
-  assert list(parts) == ["device", "step_time_2048", "step_time_4096",
-                         "memory", "scale", "tests"]
+  steps = [f"step_time_{d}_{dtype}" for d in (2048, 4096)
+           for dtype in ("float32", "bfloat16")]
+  assert list(parts) == ["device", *steps, "memory", "scale", "tests"]
   assert math.isclose(sum(part.share for part in parts.values()), 1.0)
   assert accelerator.BUDGET_S <= 8 * 60 - 20
   for d in (2048, 4096):
-    args = " ".join(parts[f"step_time_{d}"].args)
-    assert f"--dims {d} " in args and "--rank-fractions 1/4 1/16" in args
-    assert "--dtype float32 bfloat16" in args
-    assert "--optimizers" not in args   # every optimizer, roofline included
+    for dtype in ("float32", "bfloat16"):
+      args = " ".join(parts[f"step_time_{d}_{dtype}"].args)
+      assert f"--dims {d} " in args and "--rank-fractions 1/4 1/16" in args
+      assert f"--dtype {dtype} " in args
+      assert "--optimizers orth_dion dion muon adamw" in args
   assert "--layers 48" in " ".join(parts["scale"].args)
   for test_file in accelerator.FAST_TESTS:
     assert test_file in parts["tests"].args
