@@ -86,7 +86,8 @@ class TrainConfig:
   resume: bool = setting(
       False, "continue from the newest intact checkpoint in --out (an error if there is none, if "
       "it is past --steps, or if it was written with another --optimizer, --seed, "
-      "--rank-fraction, --orthogonalize, --compressed-dp or model shape)")
+      "--rank-fraction, --orthogonalize, --right-factor, --error-feedback, --compressed-dp or "
+      "model shape)")
   overwrite: bool = setting(
       False, "start afresh although --out holds an earlier run's checkpoints, deleting them; "
       "refused if its checkpoints/ holds anything else")

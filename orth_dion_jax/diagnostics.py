@@ -123,7 +123,9 @@ def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
     ``nu_mean``, ``nu_max``, ``alignment_mean``, ``alignment_min``,
     ``captured_fraction_mean`` and ``nonfinite_skips`` (total matrix-steps
     skipped), as scalar arrays; an empty dict if the state has no low-rank
-    matrices. The alignment is taken over the matrices that stepped.
+    matrices. Like nu, a matrix that did not step (no step yet, a zero
+    buffer, a skipped step) counts 0 in the means; ``alignment_min`` is the
+    least over the matrices that stepped (0 if none did).
 
   Example:
     >>> import jax.numpy as jnp
@@ -146,11 +148,12 @@ def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
   return {
       "nu_mean": sum(over(jnp.sum, "nu")) / matrices,
       "nu_max": functools.reduce(jnp.maximum, over(jnp.max, "nu")),
-      "alignment_mean": sum(over(jnp.sum, "alignment")) / jnp.maximum(
-          stepped, 1),
-      "alignment_min": functools.reduce(jnp.minimum, [
-          jnp.min(jnp.where(d.captured_fraction > 0, d.alignment, 1.0))
-          for d in per_matrix.values()]),
+      "alignment_mean": sum(over(jnp.sum, "alignment")) / matrices,
+      # Over the matrices that stepped (2 is above any alignment); 0, like
+      # the rest, when none did.
+      "alignment_min": jnp.where(stepped > 0, functools.reduce(jnp.minimum, [
+          jnp.min(jnp.where(d.captured_fraction > 0, d.alignment, 2.0))
+          for d in per_matrix.values()]), 0.0),
       "captured_fraction_mean": sum(over(jnp.sum, "captured_fraction"))
                                 / matrices,
       "nonfinite_skips": sum(over(jnp.sum, "nonfinite_count")),

@@ -39,6 +39,7 @@ from orth_dion_jax import orthogonalize as orth
 from orth_dion_jax import polar_factor
 from orth_dion_jax.collectives import Collectives, SINGLE_DEVICE
 from orth_dion_jax.lapack_calls import per_matrix
+from orth_dion_jax.scaling import unit_scaled
 
 Array = jax.Array
 RightFactor = Literal["qr", "polar", "column"]
@@ -264,11 +265,11 @@ def captured_fraction(b: Array, factors: LowRankFactors, b_max: Array,
   that they neither overflow nor underflow.
   """
   c = collectives
-  scale = jnp.where(b_max > 0, b_max, 1.0)[:, None, None]
-  total = c.replicas.mean(c.matrix.sum(
-      jnp.sum(jnp.square(b.astype(jnp.float32) / scale), axis=(-2, -1))))
+  scale = b_max[:, None, None]
+  total = c.replicas.mean(c.matrix.sum(jnp.sum(
+      jnp.square(unit_scaled(b.astype(jnp.float32), scale)), axis=(-2, -1))))
   kept = c.small.sum(jnp.sum(
-      jnp.square(factors.projected / scale), axis=(-2, -1)))
+      jnp.square(unit_scaled(factors.projected, scale)), axis=(-2, -1)))
   kept = kept * factors.moved.reshape(kept.shape)
   return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 0.0)
 
@@ -291,7 +292,7 @@ def alignment(factors: LowRankFactors,
   largest = rows.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
   # Both terms are homogeneous in R: scaling it by its largest magnitude
   # keeps the Gram finite and changes nothing else.
-  r = r / jnp.where(largest > 0, largest, 1.0)[:, None, None]
+  r = unit_scaled(r, largest[:, None, None])
   inner = rows.sum(jnp.sum(factors.right * r, axis=(-2, -1)))
   gram = rows.sum(jnp.einsum("nkr,nks->nrs", r, r))
   eigenvalues = per_matrix(jnp.linalg.eigvalsh, gram)

@@ -30,6 +30,8 @@ import optax
 
 from orth_dion_jax import low_rank
 from orth_dion_jax import matrix_view
+from orth_dion_jax import scaling
+from orth_dion_jax.scaling import unit_scaled
 from orth_dion_jax.collectives import Collectives
 from orth_dion_jax.settings import LowRankCompressor
 
@@ -88,7 +90,8 @@ def _finite_right_factor(q: Array, collectives: Collectives
 def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
                    decays: tuple[Array, Array], dtype: jnp.dtype,
                    collectives: Collectives) -> Array:
-  """(n,) bool: the new momentum cannot overflow ``dtype``.
+  """(n,) bool: the new momentum cannot overflow ``dtype`` (float16,
+  bfloat16 or float32).
 
   ``|M'| <= a max|B| + |a - c| max_j ||R_j||``, since the rows of ``P`` have
   norm <= 1: a bound from quantities the step has, so a float16 momentum is
@@ -98,10 +101,12 @@ def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
   a, c = (jnp.reshape(d, (-1,)) for d in decays)
   r = factors.projected
   r_max = collectives.everything.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
-  safe = jnp.where(r_max > 0, r_max, 1.0)[:, None, None]
-  row_norms = collectives.everything.max(jnp.max(
-      jnp.sum(jnp.square(r / safe), axis=-1), axis=-1))
-  captured = r_max * jnp.sqrt(row_norms) * factors.moved.reshape(-1)
+  # Rows of R / 2^e, whose largest entry is f = mantissa(r_max): the largest
+  # row norm is r_max sqrt(rows) / f.
+  row_norms = collectives.everything.max(jnp.max(jnp.sum(jnp.square(
+      unit_scaled(r, r_max[:, None, None])), axis=-1), axis=-1))
+  captured = jnp.where(factors.moved.reshape(-1) > 0, r_max
+                       / scaling.mantissa(r_max) * jnp.sqrt(row_norms), 0.0)
   bound = a * b_max + jnp.abs(a - c) * captured
   return bound <= float(jnp.finfo(dtype).max)
 
@@ -171,9 +176,10 @@ def _finish(
   if decays is not None:
     # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
     decays = tuple(jnp.where(finite, d, 1.0) for d in decays)
-    if jnp.finfo(momentum_dtype).max < jnp.finfo(jnp.float32).max:
-      healthy &= _momentum_fits(b_max, factors, decays,
-                                         momentum_dtype, collectives)
+    # Checked for float32 too: a finite B near the top of the range can still
+    # give an infinite B - P R^T.
+    healthy &= _momentum_fits(b_max, factors, decays, momentum_dtype,
+                              collectives)
   step = (finite & healthy & low_rank.all_finite(factors.right, collectives)
           )[:, None, None]
   # Masks are selects in the elementwise pass that reads each product (a

@@ -47,8 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orth_dion_jax import validation
 from orth_dion_jax.collectives import AxisGroup, NO_AXES
 from orth_dion_jax.lapack_calls import per_matrix
+from orth_dion_jax.scaling import unit_scaled
 
 Array = jax.Array
 Method = Literal["householder", "cholesky_qr", "randomized_cholesky_qr"]
@@ -110,14 +112,14 @@ def _times(arrays: Sequence[Array], stacked_square: Array) -> list[Array]:
 
 
 def column_prescale(a: Array, rows: AxisGroup = NO_AXES) -> Array:
-  """Divides each column by its largest magnitude.
+  """Divides each column by (the power of two of) its largest magnitude.
 
   Column scaling by positive numbers leaves ``Q`` of ``A = Q T`` unchanged (it
   only rescales ``T``), and it keeps the Gram matrix finite for gradients at
   1e30 scale and away from underflow at 1e-30.
   """
   col_max = rows.max(jnp.max(jnp.abs(a), axis=-2, keepdims=True))
-  return a / jnp.where(col_max > 0, col_max, 1.0)
+  return unit_scaled(a, col_max)
 
 
 def _householder_one(a: Array, rows: AxisGroup) -> Array:
@@ -291,6 +293,7 @@ def orthonormalize(
     >>> bool(jnp.all(jnp.diag(q.T @ a) > 0))    # T's diagonal is positive
     True
   """
+  validation.check_tall_matrices("orthonormalize", a)
   k, r = a.shape[-2:]
   [q] = orthonormalize_many([a.reshape(-1, k, r)], method, key=key, rows=rows)
   return q.reshape(a.shape)
@@ -309,7 +312,10 @@ def normalize_columns(
   """
   a = a.astype(jnp.float32)
   col_max = rows.max(jnp.max(jnp.abs(a), axis=-2, keepdims=True))
-  safe_max = jnp.where(col_max > 0, col_max, 1.0)
-  norms = safe_max * jnp.sqrt(
-      rows.sum(jnp.sum(jnp.square(a / safe_max), axis=-2, keepdims=True)))
-  return a / (norms + eps)
+  # a / (||a|| + eps) = a' / (||a'|| + eps') for a' = a / 2^e, eps' = eps / 2^e:
+  # every term stays a normal float32 at either end of the range.
+  scaled = unit_scaled(a, col_max)
+  norms = jnp.sqrt(rows.sum(jnp.sum(jnp.square(scaled), axis=-2,
+                                    keepdims=True)))
+  eps = unit_scaled(jnp.asarray(eps, jnp.float32), col_max)
+  return scaled / (norms + eps)

@@ -44,8 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from orth_dion_jax import orthogonalize
+from orth_dion_jax import validation
 from orth_dion_jax.collectives import AxisGroup, NO_AXES
 from orth_dion_jax.lapack_calls import per_matrix
+from orth_dion_jax.scaling import unit_scaled
 
 Array = jax.Array
 
@@ -74,14 +76,13 @@ def polar_many(arrays: Sequence[Array], method: orthogonalize.Method, *,
   """
   arrays = [a.astype(jnp.float32) for a in arrays]
   qs = orthogonalize.orthonormalize_many(arrays, method, key=key, rows=rows)
-  # polar(c A) = polar(A) for c > 0: A is divided by its largest magnitude
+  # polar(c A) = polar(A) for c > 0: A is scaled by its largest magnitude
   # so that T neither overflows nor underflows. (The QR's column scaling
   # would change the polar factor; one scalar per matrix does not.)
   ts = []
   for a, q in zip(arrays, qs):
     largest = rows.max(jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True))
-    scaled = a / jnp.where(largest > 0, largest, 1.0)
-    ts.append(jnp.einsum("nkr,nks->nrs", q, scaled))
+    ts.append(jnp.einsum("nkr,nks->nrs", q, unit_scaled(a, largest)))
   sizes = np.cumsum([t.shape[0] for t in ts])[:-1]
   ws = jnp.split(small_polar(rows.sum(jnp.concatenate(ts, axis=0))), sizes)
   return [jnp.einsum("nkr,nrs->nks", q, w) for q, w in zip(qs, ws)]
@@ -111,6 +112,7 @@ def polar(a: Array, method: orthogonalize.Method = "cholesky_qr", *,
     >>> bool(jnp.allclose(s, s.T, atol=1e-5))
     True
   """
+  validation.check_tall_matrices("polar", a)
   k, r = a.shape[-2:]
   [q] = polar_many([a.reshape(-1, k, r)], method, key=key, rows=rows)
   return q.reshape(a.shape)

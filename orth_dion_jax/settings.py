@@ -69,7 +69,8 @@ class LowRankCompressor:
   right_factor: low_rank.RightFactor = _setting(
       "qr", '"qr" (Orth-Dion: sign-safe QR), "polar" (the exact rank-r '
       "polar factor: the update is polar(P P^T B)) or \"column\" (Dion: "
-      "column normalization).")
+      "column normalization; orth_dion takes qr or polar, dion fixes "
+      "column).")
   orthogonalize: orthogonalize.Method = _setting(
       "cholesky_qr", " | ".join(f'"{m}"' for m in orthogonalize.METHODS)
       + ": how P and the QR right factor are orthonormalized "

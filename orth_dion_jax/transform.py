@@ -256,7 +256,7 @@ def scale_by_error_feedback(
 
   ``(a, c) = (1, mu)`` is the reference mu-form (the captured part decays by
   mu, the residual is kept whole); ``(beta, 0)`` is the paper's beta-form
-  ``E = beta (M - U U^T M)``. They coincide at mu = 0, beta = 1
+  ``M = beta (B - P R^T)``. They coincide at mu = 0, beta = 1
   (docs/design.md, "The two error-feedback forms").
 
   Args:

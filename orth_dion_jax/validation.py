@@ -31,7 +31,7 @@ def _concrete(name: str, value: Any) -> float | None:
   except (TypeError, ValueError):
     array = None   # e.g. a ragged list: refused below, naming the argument
   # np.asarray("0.1") is a string array that float() would accept.
-  if array is None or array.dtype.kind not in "iuf" or array.size != 1:
+  if array is None or array.dtype.kind not in "iuf" or array.ndim != 0:
     raise TypeError(f"{name} must be a real number, a scalar array or a "
                     f"schedule, got {type(value).__name__} {value!r}.")
   return float(array.reshape(()))
@@ -119,3 +119,15 @@ def check_float_dtype(name: str, value: Any) -> None:
   if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
     raise ValueError(f"{name} must be a floating dtype of 16 bits or more, "
                      f"such as jnp.bfloat16, got {dtype.name}.")
+
+
+def check_tall_matrices(fn: str, a: Any) -> None:
+  """``a`` is a real floating array of shape ``(..., k, r)`` with ``k >= r``:
+  what ``orthonormalize`` and ``polar`` take."""
+  dtype = getattr(a, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{fn}: a must be a real floating array, got "
+                    f"{type(a).__name__} of dtype {dtype}.")
+  if a.ndim < 2 or a.shape[-2] < a.shape[-1]:
+    raise ValueError(f"{fn}: a must have shape (..., k, r) with k >= r (tall "
+                     f"or square matrices), got shape {a.shape}.")

@@ -1,10 +1,10 @@
 """NaN and Inf from any source never reach the parameters or the state.
 
 A small regression model (two hidden matrices on the low-rank route, a bias
-on AdamW) trains with ``orth_dion`` / ``dion``; at one step a fault is
+on AdamW) trains with ``orth_dion`` (QR or polar right factor) / ``dion``; at one step a fault is
 injected at its source: the gradient, the momentum (a corrupt checkpoint),
-the right factor, a float16 momentum overflowing on a finite gradient,
-finite gradients near float32's maximum, a schedule returning NaN, the
+the right factor, a float16 or float32 momentum overflowing on a finite
+gradient, finite gradients near float32's maximum, a schedule returning NaN, the
 AdamW leaf's gradient and learning rate. For each, as the README's "Failure
 behaviour" section promises: parameters and state stay finite at every step,
 the event is counted in the state, and training goes on to lower the loss.
@@ -115,6 +115,9 @@ FAULTS = {
     "nan_in_adamw_moment": ({}, None, _corrupt_adam_first_moment),
     "mu_schedule_nan": (
         {"mu": lambda c: _at_fault(c, 0.95, jnp.nan)}, None, None),
+    "beta_schedule_nan": (
+        {"error_feedback": "beta",
+         "beta": lambda c: _at_fault(c, 0.95, jnp.nan)}, None, None),
     "eps_schedule_nan": (
         {"eps": lambda c: _at_fault(c, 1e-8, jnp.nan)}, None, None),
     "learning_rate_schedule_nan": (
@@ -131,13 +134,21 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("optimizer", ["orth_dion", "dion"])
+# What each optimizer configuration adds to a fault's settings.
+OPTIMIZERS = {
+    "orth_dion": (orth_dion_jax.orth_dion, {}),
+    "dion": (orth_dion_jax.dion, {}),
+    "polar": (orth_dion_jax.orth_dion, {"right_factor": "polar"}),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_fault_never_reaches_params_or_state_and_training_recovers(
     optimizer, fault):
   kwargs, grad_fault, state_fault = FAULTS[fault]
-  kwargs = {"learning_rate": LR, "rank": 4, **kwargs}
-  tx = getattr(orth_dion_jax, optimizer)(**kwargs)
+  factory, chosen = OPTIMIZERS[optimizer]
+  tx = factory(**{"learning_rate": LR, "rank": 4, **chosen, **kwargs})
   params, loss_fn = _problem()
   opt_state = tx.init(params)
 
@@ -182,6 +193,37 @@ def test_a_float16_momentum_that_would_overflow_is_reset_not_stored_as_inf():
     assert state.momentum[name].dtype == jnp.float16
     np.testing.assert_array_equal(np.asarray(state.momentum[name]), 0)
     assert int(state.nonfinite_count[name]) == 1
+
+
+@pytest.mark.parametrize("form", orth_dion_jax.ERROR_FEEDBACK_FORMS)
+@pytest.mark.parametrize("right_factor", ["qr", "polar"])
+def test_a_float32_momentum_that_would_overflow_is_reset_not_stored_as_inf(
+    form, right_factor):
+  """Every entry of B finite, but B - P R^T beyond float32's maximum (mixed
+  signs near 3e38 in the column the step captures): the bound on the new
+  momentum skips the matrix instead of storing -Inf."""
+  params = {"w": jnp.zeros((64, 32), jnp.float32)}
+  tx = orth_dion_jax.scale_by_orth_dion(
+      rank=1, error_feedback=form, right_factor=right_factor,
+      **({"mu": 0.0} if form == "mu" else {"beta": 0.95}))
+  state = tx.init(params)
+  state = state._replace(right_factor={"w": jnp.eye(32, 1)})
+  g = np.zeros((64, 32), np.float32)
+  g[:4, 0] = 5e37
+  g[:4, 1] = [3e38, -3e38, 3e38, 3e38]
+  updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+  chex.assert_tree_all_finite((updates, state))
+  assert int(state.nonfinite_count["w"]) == 1
+
+
+def test_entries_near_float32_max_keep_their_direction():
+  """Rescaling by a largest entry of 1e38 is exact (no reciprocal that
+  flushes to zero): the QR of such a column is the column's direction."""
+  a = jnp.full((4, 1), 1e38, jnp.float32)
+  for method in orth_dion_jax.ORTHOGONALIZE_METHODS:
+    q = orth_dion_jax.orthonormalize(a, method, key=jax.random.key(0))
+    np.testing.assert_allclose(q, 0.5, rtol=1e-6)
+  np.testing.assert_allclose(orth_dion_jax.polar(a), 0.5, rtol=1e-6)
 
 
 def test_a_nan_gradient_keeps_the_momentum_and_factor_exactly():

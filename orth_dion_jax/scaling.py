@@ -1,0 +1,44 @@
+"""Dividing by a largest magnitude exactly, without flushing to zero.
+
+Before squaring a factor or a buffer (Gram matrices, column norms, the
+captured energy), the step divides it by its largest magnitude, so that
+entries at 1e30 do not overflow and entries at 1e-30 do not underflow. A
+plain ``x / m`` is not safe at the top of the float32 range: XLA:CPU computes
+it as ``x * (1 / m)``, and for ``m >= 2^126`` the reciprocal is subnormal and
+flushed to zero, so the result would be all zeros.
+
+``unit_scaled`` divides by the power of two of ``m`` instead: with
+``m = f 2^e``, ``f`` in [0.5, 1), it multiplies by ``2^-e`` in two halves,
+each a normal number. Multiplying by a power of two changes only exponents,
+so the result is exact, and its largest magnitude is ``f``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def unit_scaled(x: Array, largest: Array) -> Array:
+  """``x / 2^e`` for ``largest = f 2^e`` (``f`` in [0.5, 1)), exactly.
+
+  ``largest`` broadcasts against ``x`` (e.g. ``(n, 1, 1)`` or ``(n, 1, r)``).
+  Where it is 0 or not finite, ``x`` is returned as is (there is nothing to
+  scale by; the non-finite guards look at ``largest`` itself).
+  """
+  _, exponent = jnp.frexp(largest)
+  usable = (largest > 0) & jnp.isfinite(largest)
+  exponent = jnp.where(usable, exponent, 0)
+  half = exponent // 2
+  one = jnp.ones((), x.dtype)
+  return x * jnp.ldexp(one, -half) * jnp.ldexp(one, half - exponent)
+
+
+def mantissa(largest: Array) -> Array:
+  """``f`` of ``largest = f 2^e``: the largest magnitude ``unit_scaled``
+  leaves (1 where ``largest`` is 0 or not finite)."""
+  fraction, _ = jnp.frexp(largest)
+  usable = (largest > 0) & jnp.isfinite(largest)
+  return jnp.where(usable, fraction, 1.0)
