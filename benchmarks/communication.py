@@ -184,17 +184,20 @@ def _meshes(devices: int, tensor: int) -> dict[str, jax.sharding.Mesh]:
   }
 
 
-def measure(name: str, mode: str, rank_fraction: float | None, d: int,
-            meshes) -> dict:
-  """One optimizer's compiled step in one layout: its collectives."""
-  shapes = leaf_shapes(d)
-  mesh = meshes[FSDP_TP if mode == FSDP_TP else DATA]
-  replicas = None if mode == FSDP_TP else mesh.shape[DATA]
-  specs = (sharded_specs(shapes) if mode == FSDP_TP
-           else {leaf: PartitionSpec() for leaf in shapes})
+def step_collectives(name: str, mode: str, rank_fraction: float | None,
+                     mesh: jax.sharding.Mesh, shapes, specs,
+                     replicas: int | None, *, mesh_when_plain: bool = False
+                     ) -> tuple[list[communication.CollectiveOp], set[str]]:
+  """One optimizer's step in one layout, compiled, and its collectives: the
+  records and the names of those inside ``lax.cond`` branches.
+
+  Orth-Dion and Dion are told the mesh in the sharded and compressed modes
+  (and in ``PLAIN`` with ``mesh_when_plain``, for sharded weights); Muon and
+  AdamW run on ``Auto`` axes of the same devices (module docstring).
+  """
   low_rank = name in workload.LOW_RANK
   placement = {}
-  if low_rank and mode != PLAIN:
+  if low_rank and (mode != PLAIN or mesh_when_plain):
     placement = {"mesh": mesh,
                  "data_axis": DATA if mode == COMPRESSED else None}
   tx = workload.optimizer(name, rank_fraction=rank_fraction,
@@ -206,8 +209,20 @@ def measure(name: str, mode: str, rank_fraction: float | None, d: int,
   compiled = compile_step(tx, mesh, _placed(shapes, specs, mesh),
                           _placed(shapes, specs, mesh, replicas))
   hlo = compiled.as_text()
-  branches = in_cond_branches(hlo)
-  records = communication.collective_ops(hlo, mesh)
+  return communication.collective_ops(hlo, mesh), in_cond_branches(hlo)
+
+
+def measure(name: str, mode: str, rank_fraction: float | None, d: int,
+            meshes) -> dict:
+  """One optimizer's compiled step in one layout: its collectives."""
+  shapes = leaf_shapes(d)
+  mesh = meshes[FSDP_TP if mode == FSDP_TP else DATA]
+  replicas = None if mode == FSDP_TP else mesh.shape[DATA]
+  specs = (sharded_specs(shapes) if mode == FSDP_TP
+           else {leaf: PartitionSpec() for leaf in shapes})
+  low_rank = name in workload.LOW_RANK
+  records, branches = step_collectives(name, mode, rank_fraction, mesh,
+                                       shapes, specs, replicas)
   per_step = [r for r in records if r.bytes and r.name not in branches]
   in_cond = [r for r in records if r.bytes and r.name in branches]
   largest = max(per_step, key=lambda r: r.bytes, default=None)

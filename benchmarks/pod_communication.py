@@ -75,14 +75,11 @@ import sys
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import optax
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from benchmarks import communication as layouts
 from benchmarks import workload
 from orth_dion_jax import communication
-from orth_dion_jax import data_parallel
 
 DATA, FSDP, TENSOR = layouts.DATA, layouts.FSDP, layouts.TENSOR
 PLAIN, COMPRESSED = layouts.PLAIN, layouts.COMPRESSED
@@ -193,23 +190,10 @@ def measure(model: Model, name: str, layout: str,
   each axis and link time, per device, for those layers."""
   shapes = stacked_layers(layer_shapes(model), copies)
   specs = layer_specs(shapes)
-  low_rank = name in workload.LOW_RANK
-  placement = {}
-  if low_rank:
-    placement = {"mesh": mesh,
-                 "data_axis": DATA if layout == COMPRESSED else None}
-  tx = workload.optimizer(name, rank_fraction=rank_fraction,
-                          momentum_dtype=jnp.float32, **placement)
-  if layout == PLAIN:
-    tx = optax.chain(data_parallel.average_replicas(), tx)
-  if not low_rank:
-    mesh = mesh.update(axis_types=(AxisType.Auto,) * mesh.devices.ndim)
-  compiled = layouts.compile_step(
-      tx, mesh, layouts._placed(shapes, specs, mesh),
-      layouts._placed(shapes, specs, mesh, mesh.shape[DATA]))
-  hlo = compiled.as_text()
-  branches = layouts.in_cond_branches(hlo)
-  records = [r for r in communication.collective_ops(hlo, mesh) if r.bytes]
+  records, branches = layouts.step_collectives(
+      name, layout, rank_fraction, mesh, shapes, specs, mesh.shape[DATA],
+      mesh_when_plain=True)
+  records = [r for r in records if r.bytes]
   per_step = [r for r in records if r.name not in branches]
   return {
       "model": model.name, "optimizer": name, "layout": layout,
