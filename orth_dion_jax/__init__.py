@@ -14,6 +14,9 @@ paper's beta-form (``error_feedback``, ``ERROR_FEEDBACK_FORMS``). Public API:
   their states (``OrthDionState``, ``LowRankState``, ``ReplicaMomenta``,
   ``ScheduleGuardState``); ``STATIC_ARGS`` for ``optax.inject_hyperparams``;
 * weights as matrices: ``DionDimensionNumbers``;
+* adaptive rank (Ada-Orth-Dion, ``adaptive_rank=True``): ``RankController``
+  with its ``RankPolicy``, ``resize_ranks``, ``current_ranks``,
+  ``effective_ranks``;
 * compressed data parallelism: ``per_replica_value_and_grad``,
   ``average_replica_momenta``, ``average_replicas``;
 * diagnostics: ``diagnostics_summary``, ``matrix_diagnostics``
@@ -27,6 +30,10 @@ docs/design.md maps the modules behind them.
 """
 
 from orth_dion_jax import communication
+from orth_dion_jax.adaptive_rank import RankController
+from orth_dion_jax.adaptive_rank import current_ranks
+from orth_dion_jax.adaptive_rank import effective_ranks
+from orth_dion_jax.adaptive_rank import resize_ranks
 from orth_dion_jax.alias import dion
 from orth_dion_jax.alias import orth_dion
 from orth_dion_jax.alias import routing_summary
@@ -48,6 +55,7 @@ from orth_dion_jax.routing import default_param_labels
 from orth_dion_jax.low_rank import RIGHT_FACTORS
 from orth_dion_jax.settings import ERROR_FEEDBACK_FORMS
 from orth_dion_jax.settings import LowRankCompressor
+from orth_dion_jax.settings import RankPolicy
 from orth_dion_jax.transform import LowRankState
 from orth_dion_jax.transform import OrthDionState
 from orth_dion_jax.transform import scale_by_error_feedback
@@ -60,11 +68,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DionDimensionNumbers", "ERROR_FEEDBACK_FORMS", "LeafRoute",
     "ORTHOGONALIZE_METHODS", "RIGHT_FACTORS", "LowRankCompressor", "LowRankState",
-    "MatrixDiagnostics", "OrthDionState", "ReplicaMomenta", "RoutingSummary",
+    "MatrixDiagnostics", "OrthDionState", "RankController", "RankPolicy",
+    "ReplicaMomenta", "RoutingSummary",
     "STATIC_ARGS", "ScheduleGuardState", "average_replica_momenta",
-    "average_replicas", "communication", "default_param_labels",
+    "average_replicas", "communication", "current_ranks",
+    "default_param_labels", "effective_ranks",
     "diagnostics_summary", "dion", "matrix_diagnostics", "orth_dion",
-    "orthonormalize", "per_replica_value_and_grad", "polar", "routing_summary",
+    "orthonormalize", "per_replica_value_and_grad", "polar", "resize_ranks", "routing_summary",
     "scale_by_error_feedback", "scale_by_low_rank_orthogonalization",
     "scale_by_orth_dion",
 ]

@@ -274,28 +274,88 @@ def captured_fraction(b: Array, factors: LowRankFactors, b_max: Array,
   return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def alignment(factors: LowRankFactors,
-              collectives: Collectives = SINGLE_DEVICE) -> Array:
-  """``<B, P Q'^T> / ||P^T B||_*`` per matrix, (n,) float32, from ``r x r``
+class Spectrum(NamedTuple):
+  """What the step learns about ``R = B^T P`` from ``r x r`` work."""
+  alignment: Array     # (n,) <B, P Q'^T> / ||P^T B||_*, see ``spectrum``
+  eigenvalues: Array   # (n, r) of R^T R / max|R|^2, ascending
+  right_energy: Array | None   # (n, r, r) G / trace(G), G = C C^T with
+                               # C = Q'^T R; None unless asked for
+
+
+def spectrum(factors: LowRankFactors, collectives: Collectives = SINGLE_DEVICE,
+             *, right_energy: bool = False) -> Spectrum:
+  """The alignment, the squared singular values of ``R`` and (for adaptive
+  rank) the energy Gram of the new right factor's directions, from ``r x r``
   quantities.
 
-  ``<B, P Q'^T> = trace(Q'^T R)`` and ``||P^T B||_* = ||R||_*``, the sum of
-  the square roots of the eigenvalues of the ``r x r`` Gram ``R^T R``: no
-  weight-sized work, and under sharding only a scalar and an ``r x r`` sum.
-  Any update ``P Q^T`` with ``||Q||_op <= 1`` has alignment at most 1; the
-  polar right factor attains it, the QR one reaches ``trace(T) / ||T||_*``.
-  Dion's ``||Q||_op`` (nu) exceeds 1 and so can this ratio
-  (``diagnostics`` divides by nu). 0 for an all-zero ``R``.
+  Alignment: ``<B, P Q'^T> = trace(Q'^T R)`` and ``||P^T B||_* = ||R||_*``,
+  the sum of the square roots of the eigenvalues of the Gram ``R^T R``: no
+  weight-sized work, and under sharding only ``r x r`` sums. Any update
+  ``P Q^T`` with ``||Q||_op <= 1`` has alignment at most 1; the polar right
+  factor attains it, the QR one reaches ``trace(T) / ||T||_*``. Dion's
+  ``||Q||_op`` (nu) exceeds 1 and so can this ratio (``diagnostics`` divides
+  by nu). 0 for an all-zero ``R``.
+
+  Right energy: the captured part ``P R^T`` has energy ``||R^T v||^2`` along
+  a unit direction ``v`` of the small side. With ``C = Q'^T R`` and ``Q'``
+  orthonormal spanning ``R`` (QR and polar), ``v = Q' w`` has energy
+  ``w^T C C^T w``: the top eigenvectors of ``G = C C^T`` are the rotation of
+  ``Q'`` that keeps the most energy in fewer columns (``adaptive_rank``).
+  Normalized to trace 1 (0 for an all-zero ``R``).
   """
   rows = collectives.small
   r = factors.projected
   largest = rows.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
-  # Both terms are homogeneous in R: scaling it by its largest magnitude
-  # keeps the Gram finite and changes nothing else.
+  # Every term is homogeneous in R: scaling it by its largest magnitude keeps
+  # the Grams finite and changes nothing else.
   r = unit_scaled(r, largest[:, None, None])
-  inner = rows.sum(jnp.sum(factors.right * r, axis=(-2, -1)))
   gram = rows.sum(jnp.einsum("nkr,nks->nrs", r, r))
   eigenvalues = per_matrix(jnp.linalg.eigvalsh, gram)
   nuclear = jnp.sum(jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), axis=-1)
-  return jnp.where(nuclear > 0, inner / jnp.where(nuclear > 0, nuclear, 1.0),
-                   0.0)
+  energy = None
+  if right_energy:
+    c = rows.sum(jnp.einsum("nkr,nks->nrs", factors.right, r))
+    inner = jnp.trace(c, axis1=-2, axis2=-1)
+    g = jnp.einsum("nrs,nts->nrt", c, c)
+    total = jnp.trace(g, axis1=-2, axis2=-1)[:, None, None]
+    energy = jnp.where(total > 0, g / jnp.where(total > 0, total, 1.0), 0.0)
+  else:
+    inner = rows.sum(jnp.sum(factors.right * r, axis=(-2, -1)))
+  aligned = jnp.where(nuclear > 0, inner / jnp.where(nuclear > 0, nuclear, 1.0),
+                      0.0)
+  return Spectrum(aligned, eigenvalues, energy)
+
+
+def energy_rank(eigenvalues: Array, captured: Array, share: float,
+                small: int) -> Array:
+  """(n,) float32: how many directions hold ``share`` of ``B``'s energy.
+
+  ``eigenvalues`` (ascending, any common scale) are the squared singular
+  values of ``R``; ``captured = ||R||_F^2 / ||B||_F^2`` is the share they
+  hold together. Their cumulative shares, largest first, give the crossing
+  of ``share``, interpolated linearly inside the direction that crosses it
+  (so that the estimate moves smoothly). When the r directions hold less
+  than ``share``, the missing energy is assumed to continue at the level of
+  the weakest one: ``r + (share - captured) / (captured p_r)``, capped at
+  ``small`` (an overestimate when the tail decays, which is what lets a
+  rank grow). 0 where nothing was captured (no estimate).
+  """
+  s = jnp.maximum(eigenvalues[:, ::-1], 0.0)           # descending
+  total = jnp.sum(s, axis=-1, keepdims=True)
+  p = s / jnp.where(total > 0, total, 1.0)
+  shares = captured[:, None] * jnp.cumsum(p, axis=-1)
+  below = jnp.sum(shares < share, axis=-1)               # directions before
+  r = s.shape[-1]
+  crossing = jnp.minimum(below, r - 1)
+  before = jnp.where(below > 0, jnp.take_along_axis(
+      shares, jnp.maximum(below - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+  step = captured * jnp.take_along_axis(p, crossing[:, None], axis=-1)[:, 0]
+  safe_step = jnp.where(step > 0, step, 1.0)
+  # below < r: the crossing is inside direction below + 1 (1-based), whose
+  # share is step: the estimate is below + the part of it needed.
+  inside = below + jnp.clip((share - before) / safe_step, 0.0, 1.0)
+  beyond = r + (share - captured) / safe_step
+  estimate = jnp.where(below < r, inside,
+                       jnp.where(step > 0, beyond, float(small)))
+  estimate = jnp.minimum(estimate, float(small))
+  return jnp.where((captured > 0) & (total[:, 0] > 0), estimate, 0.0)

@@ -49,6 +49,10 @@ class StepInputs(NamedTuple):
   count: Array                    # (), int32: steps taken
   eps: Array                      # (), float32: Dion's epsilon this step
   decays: tuple[Array, Array] | None   # (), float32: (residual, captured)
+  # Adaptive rank only (None otherwise): the smoothed effective ranks, batch
+  # shape float32, and the right factors' energy Grams, batch + (r, r).
+  effective_ranks: list[Array] | None = None
+  right_energies: list[Array] | None = None
 
 
 class MatrixStep(NamedTuple):
@@ -59,6 +63,8 @@ class MatrixStep(NamedTuple):
   captured_fraction: Array     # batch shape, float32
   alignment: Array             # batch shape, float32
   nonfinite_count: Array       # batch shape, int32
+  effective_rank: Array | None = None   # batch shape, float32 (adaptive)
+  right_energy: Array | None = None     # batch + (r, r), float32 (adaptive)
 
 
 def schedule_value(value: optax.ScalarOrSchedule, count: Array) -> Array:
@@ -155,10 +161,12 @@ def _finish(
     q: Array,
     q_finite: Array,
     nonfinite_count: Array,
+    adaptive: tuple[Array, Array] | None,
     *,
     decays: tuple[Array, Array] | None,
     update_dtype,
     collectives: Collectives,
+    compressor: LowRankCompressor,
 ) -> MatrixStep:
   """Update, error feedback and new state of a megabatch from its factors,
   in layout view: ``(n, fan_in, fan_out)`` arrays and ``(n,)`` scalars.
@@ -173,6 +181,11 @@ def _finish(
   to keep, and the next step starts the error feedback afresh. A carried
   ``Q`` that was not finite (``q_finite``) was replaced before the step and
   is counted as well.
+
+  ``adaptive``: the previous smoothed effective ranks ``(n,)`` and right
+  energies ``(n, r, r)`` (adaptive rank), or None. A step's estimate
+  (``low_rank.energy_rank``) enters the moving average only when the step
+  was taken; the first one replaces the initial 0.
   """
   view, b, finite, momentum_dtype = prepared
   b_max = low_rank.largest_magnitude(b, collectives)
@@ -207,16 +220,33 @@ def _finish(
             residual_decay=residual_decay, captured_decay=captured_decay),
         0.0).astype(momentum_dtype)
   taken = lambda value: jnp.where(step[:, 0, 0], value, 0.0)
+  captured = taken(low_rank.captured_fraction(b, factors, b_max, collectives))
+  spectrum = low_rank.spectrum(factors, collectives,
+                               right_energy=adaptive is not None)
+  effective_rank = right_energy = None
+  if adaptive is not None:
+    previous_rank, previous_energy = adaptive
+    estimate = low_rank.energy_rank(
+        spectrum.eigenvalues, captured, compressor.rank_energy,
+        view.small * collectives.small.size())
+    ema = compressor.rank_ema
+    effective_rank = jnp.where(
+        estimate > 0,
+        jnp.where(previous_rank > 0,
+                  ema * previous_rank + (1 - ema) * estimate, estimate),
+        previous_rank)
+    right_energy = jnp.where(step, spectrum.right_energy, previous_energy)
   return MatrixStep(
       update=update,
       momentum=new_m,
       right_factor=new_q,
-      captured_fraction=taken(
-          low_rank.captured_fraction(b, factors, b_max, collectives)),
-      alignment=taken(low_rank.alignment(factors, collectives)),
+      captured_fraction=captured,
+      alignment=taken(spectrum.alignment),
       # A repaired right factor counts as a non-finite event too.
       nonfinite_count=nonfinite_count
       + (~(step[:, 0, 0] & q_finite)).astype(jnp.int32),
+      effective_rank=effective_rank,
+      right_energy=right_energy,
   )
 
 
@@ -309,18 +339,31 @@ def step_matrices(compressor: LowRankCompressor,
     first = batch.members[0]
     skips = _joined([inputs.nonfinite_counts[i].reshape(-1)
                      for i in batch.members])
-    out = _finish(p, f, q, q_finite, skips, decays=inputs.decays,
+    adaptive = None
+    if inputs.effective_ranks is not None:
+      adaptive = (
+          _joined([inputs.effective_ranks[i].reshape(-1)
+                   for i in batch.members]),
+          _joined([inputs.right_energies[i].reshape(
+              (-1,) + q.shape[-1:] * 2)
+                   for i in batch.members]))
+    out = _finish(p, f, q, q_finite, skips, adaptive, decays=inputs.decays,
                   update_dtype=update_dtypes[first],
-                  collectives=collectives[first])
+                  collectives=collectives[first], compressor=compressor)
     parts = zip(*(_parted(x, batch.sizes) for x in out))
     for i, part in zip(batch.members, parts):
       view = prepared[i].view
-      update, momentum, q_new, captured, aligned, skipped = part
+      (update, momentum, q_new, captured, aligned, skipped, effective_rank,
+       right_energy) = part
+      batch_shaped = lambda x: None if x is None else x.reshape(
+          view.batch_shape + x.shape[1:])
       results[i] = MatrixStep(
           update=view.from_layout(update),
           momentum=None if momentum is None else view.from_layout(momentum),
           right_factor=q_new.reshape(inputs.right_factors[i].shape),
-          captured_fraction=captured.reshape(view.batch_shape),
-          alignment=aligned.reshape(view.batch_shape),
-          nonfinite_count=skipped.reshape(view.batch_shape))
+          captured_fraction=batch_shaped(captured),
+          alignment=batch_shaped(aligned),
+          nonfinite_count=batch_shaped(skipped),
+          effective_rank=batch_shaped(effective_rank),
+          right_energy=batch_shaped(right_energy))
   return results

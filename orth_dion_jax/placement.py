@@ -181,6 +181,11 @@ def _placed(xs: Sequence[Any], specs: Sequence[Any], mesh: Mesh) -> list[Any]:
   return [x if s is None else place(x, mesh, s) for x, s in zip(xs, specs)]
 
 
+def energy_spec(plan: sharding.LeafPlan) -> PartitionSpec:
+  """An r x r matrix per matrix: sharded like the batch, whole inside."""
+  return PartitionSpec(*plan.batch_spec, None, None)
+
+
 def sharded_step(step: Callable[[Sequence[Collectives], StepInputs],
                                 list[MatrixStep]],
                  plans: Sequence[sharding.LeafPlan], mesh: Mesh,
@@ -206,13 +211,24 @@ def sharded_step(step: Callable[[Sequence[Collectives], StepInputs],
       right_factors=[p.right_factor_spec for p in plans],
       nonfinite_counts=[p.batch_spec for p in plans],
       count=scalar, eps=scalar,
-      decays=None if inputs.decays is None else (scalar, scalar))
+      decays=None if inputs.decays is None else (scalar, scalar),
+      effective_ranks=(None if inputs.effective_ranks is None
+                       else [p.batch_spec for p in plans]),
+      right_energies=(None if inputs.right_energies is None
+                      else [energy_spec(p) for p in plans]))
+  adaptive = inputs.effective_ranks is not None
   inputs = inputs._replace(
       grads=_placed(grads, specs.grads, mesh),
       momenta=_placed(momenta, specs.momenta, mesh),
       right_factors=_placed(inputs.right_factors, specs.right_factors, mesh),
       nonfinite_counts=_placed(inputs.nonfinite_counts,
                                specs.nonfinite_counts, mesh))
+  if adaptive:
+    inputs = inputs._replace(
+        effective_ranks=_placed(inputs.effective_ranks,
+                                specs.effective_ranks, mesh),
+        right_energies=_placed(inputs.right_energies, specs.right_energies,
+                               mesh))
 
   def local(inputs: StepInputs) -> list[MatrixStep]:
     # A per-replica block carries a leading replica axis of length 1.
@@ -228,7 +244,9 @@ def sharded_step(step: Callable[[Sequence[Collectives], StepInputs],
   out_specs = [
       MatrixStep(update=p.weight_spec, momentum=m, right_factor=q,
                  captured_fraction=p.batch_spec, alignment=p.batch_spec,
-                 nonfinite_count=p.batch_spec)
+                 nonfinite_count=p.batch_spec,
+                 effective_rank=p.batch_spec if adaptive else None,
+                 right_energy=energy_spec(p) if adaptive else None)
       for p, m, q in zip(plans, specs.momenta, specs.right_factors)]
   results = jax.shard_map(local, mesh=mesh, in_specs=(specs,),
                           out_specs=out_specs, check_vma=False)(inputs)

@@ -85,6 +85,18 @@ class LowRankCompressor:
   seed: int = _setting(
       0, "seeds the initial right factors and randomized sketches; the same "
       "seed gives the same factors on every replica and host.", static=True)
+  adaptive_rank: bool = _setting(
+      False, "Ada-Orth-Dion: the state also carries each matrix's smoothed "
+      "effective rank and the energy of its right factor's directions, and "
+      "the step takes the rank its right factor holds; "
+      "orth_dion_jax.RankController changes the ranks between steps "
+      "(docs/design.md, \"Adaptive rank\").", static=True)
+  rank_energy: float = _setting(
+      0.9, "adaptive rank: a matrix's effective rank is the smallest k whose "
+      "top k directions hold this share of B's energy.", static=True)
+  rank_ema: float = _setting(
+      0.9, "adaptive rank: decay of the effective rank's moving average.",
+      static=True)
 
   def __post_init__(self):
     validation.check_rank_arguments(self.rank, self.rank_fraction,
@@ -97,6 +109,11 @@ class LowRankCompressor:
     validation.check_seed(self.seed)
     validation.check_scale(self.scale)
     validation.check_nonnegative("eps", self.eps)
+    validation.check_static_bool("adaptive_rank", self.adaptive_rank)
+    validation.check_static_fraction("rank_energy", self.rank_energy,
+                                     closed_left=False, closed_right=True)
+    validation.check_static_fraction("rank_ema", self.rank_ema,
+                                     closed_left=True, closed_right=False)
 
   @property
   def step_config(self) -> low_rank.LowRankConfig:
@@ -104,11 +121,12 @@ class LowRankCompressor:
         right_factor=self.right_factor, orthogonalize=self.orthogonalize,
         power_iters=self.power_iters)
 
-  def view(self, path: str, shape, dims: matrix_view.DionDimensionNumbers
-           ) -> matrix_view.MatrixView:
-    """The weight at ``path`` seen as matrices, with this compressor's rank."""
+  def view(self, path: str, shape, dims: matrix_view.DionDimensionNumbers,
+           *, rank: int | None = None) -> matrix_view.MatrixView:
+    """The weight at ``path`` seen as matrices, with this compressor's rank
+    (or ``rank``: the one an adaptive state holds)."""
     return matrix_view.matrix_view(
-        path, tuple(shape), dims, rank=self.rank,
+        path, tuple(shape), dims, rank=self.rank if rank is None else rank,
         rank_fraction=self.rank_fraction,
         rank_multiple_of=self.rank_multiple_of, scale=self.scale)
 
@@ -247,6 +265,37 @@ class OtherLeaves:
     for name in ("adam_b1", "adam_b2"):
       validation.check_unit_interval(name, getattr(self, name),
                                      closed_right=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankPolicy:
+  """When and how far ``RankController`` changes an adaptive rank."""
+  min_rank: int = _setting(8, "no rank goes below this (nor above the "
+                           "matrix's smaller side).", static=True)
+  max_rank: int | None = _setting(
+      None, "no rank goes above this; None: the rank the matrix started "
+      "with.", static=True)
+  multiple_of: int = _setting(
+      8, "ranks are multiples of this (hardware tiles), except at the "
+      "bounds.", static=True)
+  hysteresis: float = _setting(
+      4.0, "a rank shrinks only when the effective rank plus this is a "
+      "multiple below it, and grows when the effective rank exceeds it, so "
+      "an estimate near a multiple does not flap.", static=True)
+  interval: int = _setting(
+      100, "steps between decisions (the first after this many): at most one "
+      "change, hence one recompile, per interval.", static=True)
+
+  def __post_init__(self):
+    validation.check_positive_int("min_rank", self.min_rank)
+    if self.max_rank is not None:
+      validation.check_positive_int("max_rank", self.max_rank)
+      if self.max_rank < self.min_rank:
+        raise ValueError(f"max_rank ({self.max_rank}) must be >= min_rank "
+                         f"({self.min_rank}).")
+    validation.check_positive_int("multiple_of", self.multiple_of)
+    validation.check_positive_int("interval", self.interval)
+    validation.check_nonnegative("hysteresis", self.hysteresis)
 
 
 def _fields(groups, omit) -> list[dataclasses.Field]:

@@ -51,6 +51,11 @@ class LowRankState(NamedTuple):
   alignment: optax.Updates    # per matrix: batch shape, f32,
                               # <B, P Q^T> / ||P^T B||_* of the last step
   nonfinite_count: optax.Updates    # per matrix: batch shape, int32 skipped steps
+  # adaptive_rank only (None otherwise), per matrix: the smoothed effective
+  # rank (batch shape, f32; 0 before the first step) and the energy Gram of
+  # the right factor's columns (batch + (r, r), f32, trace 1).
+  effective_rank: optax.Updates = None
+  right_energy: optax.Updates = None
 
 
 class OrthDionState(NamedTuple):
@@ -63,6 +68,11 @@ class OrthDionState(NamedTuple):
   alignment: optax.Updates    # per matrix: batch shape, f32,
                               # <B, P Q^T> / ||P^T B||_* of the last step
   nonfinite_count: optax.Updates    # per matrix: batch shape, int32 skipped steps
+  # adaptive_rank only (None otherwise), per matrix: the smoothed effective
+  # rank (batch shape, f32; 0 before the first step) and the energy Gram of
+  # the right factor's columns (batch + (r, r), f32, trace 1).
+  effective_rank: optax.Updates = None
+  right_energy: optax.Updates = None
 
 
 class _Matrices(NamedTuple):
@@ -91,13 +101,22 @@ def low_rank_transformation(
   num_replicas = (None if placement.data_axis is None
                   else placement.mesh.shape[placement.data_axis])
 
-  def as_matrices(tree, per_replica: bool) -> _Matrices:
+  def as_matrices(tree, per_replica: bool, right_factors=None) -> _Matrices:
     per_replica = per_replica and num_replicas is not None
     shapes = tree_views.without_replica_axis(
         tree, num_replicas if per_replica else None)
     leaves, dims, treedef = tree_views.matrix_leaves(
         shapes, axes.weight_dimension_numbers, axes.layer_axes)
-    views = [compressor.view(p, x.shape, d) for (p, x), d in zip(leaves, dims)]
+    ranks = [None] * len(leaves)
+    if compressor.adaptive_rank and right_factors is not None:
+      # Adaptive rank: the rank is the one the state holds (RankController
+      # resizes it between steps); check_right_factors still checks the
+      # rest of its shape.
+      ranks = [jnp.shape(q)[-1] if jnp.ndim(q) >= 2 else None
+               for q in tree_views.flatten_like(tree, right_factors,
+                                                "the optimizer state")]
+    views = [compressor.view(p, x.shape, d, rank=r)
+             for (p, x), d, r in zip(leaves, dims, ranks)]
     # The arrays themselves (not their shapes) tell where they live.
     arrays = [(p, x) for (p, _), x in zip(leaves, treedef.flatten_up_to(tree))]
     mesh = placement_lib.resolve_mesh(placement, arrays)
@@ -131,6 +150,13 @@ def low_rank_transformation(
         alignment=batch_zeros(jnp.float32),
         nonfinite_count=batch_zeros(jnp.int32),
     )
+    if compressor.adaptive_rank:
+      fields.update(
+          effective_rank=batch_zeros(jnp.float32),
+          right_energy=per_matrix(
+              lambda i, v: jnp.zeros(v.batch_shape + (v.rank, v.rank),
+                                     jnp.float32),
+              lambda p: placement_lib.energy_spec(p)))
     if feedback is None:
       return LowRankState(**fields)
 
@@ -154,11 +180,13 @@ def low_rank_transformation(
     tree_views.check_gradient_shapes(
         updates, None if feedback is None else state.momentum,
         nnx_interop.unboxed(params), num_replicas)
-    mats = as_matrices(updates, per_replica=True)
+    mats = as_matrices(updates, per_replica=True,
+                       right_factors=state.right_factor)
     tree_views.check_right_factors(updates, mats.leaves, mats.views,
-                                   state.right_factor)
+                                   state.right_factor, state.right_energy)
     flat = mats.treedef.flatten_up_to
     count = state.count
+    adaptive = compressor.adaptive_rank
     inputs = matrix_step.StepInputs(
         grads=flat(updates),
         momenta=([None] * len(mats.views) if feedback is None
@@ -168,7 +196,9 @@ def low_rank_transformation(
         count=count,
         eps=matrix_step.schedule_value(compressor.eps, count),
         decays=None if feedback is None else tuple(
-            matrix_step.schedule_value(v, count) for v in feedback))
+            matrix_step.schedule_value(v, count) for v in feedback),
+        effective_ranks=flat(state.effective_rank) if adaptive else None,
+        right_energies=flat(state.right_energy) if adaptive else None)
     # Updates in the parameters' dtypes, as optax's own (float32 updates for
     # float32 weights with bfloat16 gradients); without params, the grads'.
     update_dtypes = ([g.dtype for g in inputs.grads] if params is None else
@@ -191,6 +221,10 @@ def low_rank_transformation(
         captured_fraction=unflatten([r.captured_fraction for r in results]),
         alignment=unflatten([r.alignment for r in results]),
         nonfinite_count=unflatten([r.nonfinite_count for r in results]))
+    if adaptive:
+      fields.update(
+          effective_rank=unflatten([r.effective_rank for r in results]),
+          right_energy=unflatten([r.right_energy for r in results]))
     if feedback is None:
       new_state = LowRankState(**fields)
     else:

@@ -174,17 +174,26 @@ def check_gradient_shapes(updates: Any, momentum: Any, params: Any,
           f"{jnp.shape(g)}, but {source} expects {expected}{hint}.")
 
 
-def check_right_factors(updates: Any, paths, views, right_factors: Any
-                        ) -> None:
-  """The right factors held are those these gradients' shapes imply.
+def check_right_factors(updates: Any, paths, views, right_factors: Any,
+                        right_energies: Any = None) -> None:
+  """The right factors held are those these gradients' shapes imply, and an
+  adaptive state's energy Grams match their ranks.
 
   Catches what ``check_gradient_shapes`` cannot see without a momentum or
   the parameters: a gradient whose matrix differs from the one init saw.
   """
   held = flatten_like(updates, right_factors, "the optimizer state")
-  for (path, _), view, q in zip(paths, views, held):
+  energies = ([None] * len(held) if right_energies is None else
+              flatten_like(updates, right_energies, "the optimizer state"))
+  for (path, _), view, q, g in zip(paths, views, held, energies):
     if jnp.shape(q) != view.right_factor_shape:
       raise ValueError(
           f"{path}: the gradient's shape implies a right factor of shape "
           f"{view.right_factor_shape}, but the optimizer state holds one of "
           f"shape {jnp.shape(q)}: init was given a weight of another shape.")
+    expected = view.batch_shape + (view.rank, view.rank)
+    if g is not None and jnp.shape(g) != expected:
+      raise ValueError(
+          f"{path}: the right factor has rank {view.rank}, but its energy "
+          f"Gram in the optimizer state has shape {jnp.shape(g)}, not "
+          f"{expected}: resize ranks with orth_dion_jax.resize_ranks.")

@@ -43,6 +43,26 @@ def check_static_int(name: str, value: Any) -> None:
                     f"{type(value).__name__} {value!r}{_STATIC_HINT}.")
 
 
+def check_static_bool(name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be True or False, got "
+                    f"{type(value).__name__} {value!r}{_STATIC_HINT}.")
+
+
+def check_static_fraction(name: str, value: Any, *, closed_left: bool,
+                          closed_right: bool) -> None:
+  """A Python real in the unit interval, ends open or closed as given."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a Python float, got "
+                    f"{type(value).__name__} {value!r}{_STATIC_HINT}.")
+  low_ok = value >= 0 if closed_left else value > 0
+  high_ok = value <= 1 if closed_right else value < 1
+  if not (low_ok and high_ok):
+    interval = ("[" if closed_left else "(") + "0, 1" + (
+        "]" if closed_right else ")")
+    raise ValueError(f"{name} must be in {interval}, got {value}.")
+
+
 def check_seed(seed: Any) -> None:
   check_static_int("seed", seed)
   # jax.random.key keeps 32 bits: 2**32 would silently be seed 0.
