@@ -20,6 +20,7 @@ from typing import Any
 
 import optax
 
+from orth_dion_jax import adaptive_rank
 from orth_dion_jax import data_parallel
 from orth_dion_jax import nnx_interop
 from orth_dion_jax import nonfinite
@@ -166,14 +167,17 @@ def dion(learning_rate: optax.ScalarOrSchedule,
 
 
 @settings.accepts(*_GROUPS)
-def routing_summary(params: Any, **kwargs) -> routing.RoutingSummary:
+def routing_summary(params: Any, opt_state: Any = None, **kwargs
+                    ) -> routing.RoutingSummary:
   """Where ``orth_dion`` / ``dion`` with these settings send each leaf.
 
   Takes the optimizers' settings (those that do not affect routing are
   accepted and ignored, so the same keywords can be passed to both) and
   returns a ``RoutingSummary``: one ``LeafRoute`` per leaf with its route,
   number of matrices, rank, update scale and right-factor shape;
-  ``print(routing_summary(params))`` shows them as a table.
+  ``print(routing_summary(params))`` shows them as a table. Given the
+  optimizer's state (``opt_state``), the ranks are those it holds now (with
+  ``adaptive_rank``, the ones ``RankController`` chose).
 
   Example:
     >>> import jax.numpy as jnp
@@ -187,5 +191,15 @@ def routing_summary(params: Any, **kwargs) -> routing.RoutingSummary:
   params = nnx_interop.unboxed(params)
   labels = routing.labels_fn(axes.weight_dimension_numbers,
                              other.param_labels, axes.layer_axes)(params)
-  return routing.summarize(params, labels, given[LowRankCompressor].view,
+  view = given[LowRankCompressor].view
+  if opt_state is not None:
+    held = adaptive_rank.current_ranks(nnx_interop.unboxed(opt_state))
+
+    def view(path, shape, dims, compressor=given[LowRankCompressor]):
+      if path not in held:
+        raise ValueError(f"routing_summary: {path} is routed to the low-rank "
+                         "step, but opt_state holds no right factor for it "
+                         "(is it the state of this optimizer?).")
+      return compressor.view(path, shape, dims, rank=held[path])
+  return routing.summarize(params, labels, view,
                            axes.weight_dimension_numbers, axes.layer_axes)
