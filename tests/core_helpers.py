@@ -144,6 +144,7 @@ def run_against_reference(
     orthonormal_start: bool = False,
     rebase: bool = False,
     rtol: float = 1e-5,
+    state: Any = None,
     **reference_kwargs,
 ) -> Any:
   """Runs ``tx`` (jitted once) and checks every step against ReferenceDion.
@@ -167,10 +168,16 @@ def run_against_reference(
   4e-7 at step 0 to 1e-5 at step 9), a property of the trajectory, not of
   the step.
 
+  ``state``: start from this optimizer state (e.g. a resized one) instead
+  of ``tx.init(params)``; the reference takes its right factors, momenta
+  and effective ranks. With ``rank_energy`` among the reference's keywords
+  (adaptive rank), the effective ranks and energy Grams are compared too.
+
   Returns:
     The final optimizer state.
   """
-  state = tx.init(params)
+  start = state
+  state = tx.init(params) if start is None else start
   if orthonormal_start:
     state = optax.tree.set(state, right_factor=jax.tree.map(
         lambda q: jnp.asarray(np.linalg.qr(np.asarray(q, np.float64))[0],
@@ -179,6 +186,15 @@ def run_against_reference(
   ref = reference.ReferenceDion(as_reference(params, dims),
                                 right_factor_matrices(state),
                                 **reference_kwargs)
+  adaptive = reference_kwargs.get("rank_energy") is not None
+  if start is not None:
+    momenta = as_reference(optax.tree.get(start, momentum_key), dims)
+    ranks = (per_matrix_scalars(start, "effective_rank") if adaptive
+             else {})
+    for name, e in ref.state.items():
+      ref.state[name] = e._replace(
+          momentum=momenta[name],
+          effective_rank=float(ranks.get(name, 0.0)))
   update = jax.jit(tx.update)
   for t, (g, ref_g) in enumerate(zip(grads, reference_grads or grads)):
     updates, state = update(g, state, params)
@@ -192,6 +208,11 @@ def run_against_reference(
         "captured_fraction": per_matrix_scalars(state, "captured_fraction"),
         "alignment": per_matrix_scalars(state, "alignment"),
     }
+    if adaptive:
+      actual["effective_rank"] = per_matrix_scalars(state, "effective_rank")
+      actual["right_energy"] = _named(
+          optax.tree.get(state, "right_energy"), None,
+          lambda g, _: g.reshape((-1,) + g.shape[-2:]))
     if momentum_key is not None:
       actual["momentum"] = as_reference(optax.tree.get(state, momentum_key),
                                         dims)

@@ -37,6 +37,37 @@ def alignment(r: np.ndarray, q: np.ndarray) -> float:
   return float(np.sum(q * r) / nuclear) if nuclear > 0 else 0.0
 
 
+def energy_rank(r: np.ndarray, captured: float, share: float,
+                small: int) -> float:
+  """How many directions hold ``share`` of B's energy (docs/design.md,
+  "Adaptive rank"), from the singular values of R = B^T P and the share
+  ``captured`` = ||R||_F^2 / ||B||_F^2 that they hold together: walk down
+  the squared singular values, largest first, until the running share
+  reaches ``share`` (counting the crossing direction in part); if all r
+  fall short, continue at the weakest one's share. At most ``small``; 0
+  when nothing was captured."""
+  s2 = np.sort(np.linalg.svd(r, compute_uv=False) ** 2)[::-1]
+  if captured <= 0 or s2.sum() <= 0:
+    return 0.0
+  parts = captured * s2 / s2.sum()    # each direction's share of ||B||^2
+  held = 0.0
+  for i, part in enumerate(parts):
+    if held + part >= share:
+      return min(i + (share - held) / part, float(small))
+    held += part
+  if parts[-1] <= 0:
+    return float(small)
+  return min(len(parts) + (share - held) / parts[-1], float(small))
+
+
+def right_energy(r: np.ndarray, q: np.ndarray) -> np.ndarray:
+  """G = C C^T / trace(C C^T), C = Q^T R: the captured energy along pairs
+  of the right factor's columns (zero for R = 0)."""
+  c = q.T @ r
+  g = c @ c.T
+  return g / np.trace(g) if np.trace(g) > 0 else g
+
+
 def right_factor_of(r: np.ndarray, kind: str, eps: float) -> np.ndarray:
   """The new right factor from R: "qr", "polar" or "column" (Dion)."""
   if kind == "qr":
@@ -93,6 +124,8 @@ class MatrixState(NamedTuple):
   captured_fraction: float   # ||P R^T||_F^2 / ||B||_F^2 of the last step
   alignment: float           # <B, P Q^T> / ||P^T B||_* of the last step
   update: np.ndarray         # the last parameter update, (fan_out, fan_in)
+  effective_rank: float = 0.0   # adaptive: moving average of energy_rank
+  right_energy: np.ndarray | None = None   # adaptive: (r, r)
 
 
 class ReferenceDion:
@@ -117,7 +150,8 @@ class ReferenceDion:
                learning_rate: float, form: str = "mu", decay: float = 0.95,
                weight_decay: float = 0.0, right_factor: str = "qr",
                power_iters: int = 1, eps: float = 1e-8,
-               scale: str = "spectral", momentum_dtype=None):
+               scale: str = "spectral", momentum_dtype=None,
+               rank_energy: float | None = None, rank_ema: float = 0.9):
     self.learning_rate = learning_rate
     self.form = form
     self.decay = decay
@@ -129,6 +163,10 @@ class ReferenceDion:
     # Momentum stored in a narrower dtype (e.g. ml_dtypes.bfloat16): each
     # new momentum is rounded to it, all arithmetic stays float64.
     self.momentum_dtype = momentum_dtype
+    # Adaptive rank: the effective-rank estimate and energy Gram are kept
+    # when rank_energy is given.
+    self.rank_energy = rank_energy
+    self.rank_ema = rank_ema
     self.state = {
         name: MatrixState(
             weight=np.asarray(x, np.float64),
@@ -164,6 +202,7 @@ class ReferenceDion:
       direction = u @ q.T
       captured = np.sum(w**2) / np.sum(m**2)
       aligned = alignment(w, q)
+      projected = w
     else:
       b = oriented((decay if self.form == "trace" else 1.0) * s.momentum + g)
       f = low_rank_factors(b, s.right_factor, right_factor=self.right_factor,
@@ -176,12 +215,23 @@ class ReferenceDion:
       direction = f.p @ f.q.T
       captured = np.sum(f.r**2) / np.sum(b**2)
       aligned = alignment(f.r, f.q)
+      projected = f.r
     fan_out, fan_in = x.shape
     update = -lr * (update_scale(fan_out, fan_in, self.scale)
                     * back(direction) + wd * x)
     if self.momentum_dtype is not None:
       new_momentum = np.asarray(new_momentum, self.momentum_dtype).astype(
           np.float64)
+    adaptive = {}
+    if self.rank_energy is not None:
+      estimate = energy_rank(projected, captured, self.rank_energy,
+                             min(x.shape))
+      previous = s.effective_rank
+      adaptive = dict(
+          effective_rank=(estimate if previous == 0 else
+                          self.rank_ema * previous
+                          + (1 - self.rank_ema) * estimate),
+          right_energy=right_energy(projected, q))
     return MatrixState(weight=x + update, momentum=new_momentum,
                        right_factor=q, captured_fraction=float(captured),
-                       alignment=aligned, update=update)
+                       alignment=aligned, update=update, **adaptive)

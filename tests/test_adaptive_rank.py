@@ -1,0 +1,275 @@
+"""Adaptive rank (Ada-Orth-Dion): the in-step estimate, the resize, the
+controller, sharded and compressed, against float64 NumPy.
+
+The estimate and energy Gram are compared with ``reference.energy_rank`` /
+``reference.right_energy`` along real trajectories; the resize with an
+eigendecomposition in float64; training on after a resize with the float64
+reference started from the resized state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import orth_dion_jax as od
+from orth_dion_jax import adaptive_rank
+from orth_dion_jax import communication
+import reference
+from core_helpers import (alias_for, as_reference, gradient_steps,
+                          kernel_tree, run_against_reference)
+
+# Tall, wide and a stack of two matrices (a per-layer kernel).
+SHAPES = {"tall": (24, 40), "wide": (40, 16), "stack": (2, 16, 24)}
+DIMS = {"tall": od.DionDimensionNumbers(0, 1),
+        "wide": od.DionDimensionNumbers(0, 1),
+        "stack": od.DionDimensionNumbers(1, 2)}
+STEPS = 5
+
+
+ENERGY, EMA = 0.8, 0.5
+REFERENCE = dict(learning_rate=0.05, decay=0.9, rank_energy=ENERGY,
+                 rank_ema=EMA)
+
+
+def _optimizer(right_factor="qr", form="mu", *, rank=8, **kw):
+  """The adaptive low-rank step and a constant learning rate."""
+  decay = {"mu": 0.9} if form == "mu" else {"beta": 0.9}
+  return optax.chain(
+      od.scale_by_orth_dion(
+          rank=rank, right_factor=right_factor, error_feedback=form,
+          weight_dimension_numbers=DIMS, adaptive_rank=True,
+          **{"rank_energy": ENERGY, "rank_ema": EMA, **decay, **kw}),
+      optax.scale_by_learning_rate(0.05))
+
+
+def _low_rank_gradients(rng, steps, rank=3, noise=0.05):
+  """Gradients in a fixed rank-``rank`` subspace per matrix (random
+  coefficients each step) plus a little noise: the momentum's energy rank
+  stays well below the optimizer's rank, as in a low-rank problem."""
+  basis = np.random.default_rng(99)
+  spans = {name: (basis.standard_normal((*batch, m, rank)),
+                  basis.standard_normal((*batch, rank, n)))
+           for name, (*batch, m, n) in SHAPES.items()}
+  out = []
+  for _ in range(steps):
+    tree = {}
+    for name, shape in SHAPES.items():
+      left, right = spans[name]
+      coefficients = rng.standard_normal(shape[:-2] + (rank, rank))
+      tree[name] = jnp.asarray(left @ coefficients @ right
+                               + noise * rng.standard_normal(shape),
+                               jnp.float32)
+    out.append(tree)
+  return out
+
+
+def _train(tx, params, grads, state=None):
+  state = tx.init(params) if state is None else state
+
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  for g in grads:
+    params, state = step(params, state, g)
+  return params, state
+
+
+def _field(state, name):
+  return optax.tree.get(state, name)
+
+
+@pytest.mark.parametrize("right_factor,form,energy", [
+    ("qr", "mu", 0.3), ("polar", "beta", 0.95), ("column", "mu", 0.3),
+    ("qr", "beta", 0.95)])
+def test_estimate_and_energy_match_reference(right_factor, form, energy):
+  """Well-conditioned gradients: at 30% the estimate falls inside the rank,
+  at 95% beyond it (extrapolated); both against float64."""
+  rng = np.random.default_rng(0)
+  params = kernel_tree(rng, SHAPES, DIMS)
+  tx = _optimizer(right_factor, form, rank_energy=energy)
+  state = run_against_reference(
+      tx, params, gradient_steps(rng, SHAPES, STEPS, DIMS), dims=DIMS,
+      form=form, right_factor=right_factor, orthonormal_start=True,
+      rebase=form == "beta", **{**REFERENCE, "rank_energy": energy})
+  for path, r in od.effective_ranks(state).items():
+    assert np.all((r > 0) & ((r < 8) if energy < 0.5 else (r > 8))), path
+
+
+def test_estimate_of_an_exactly_low_rank_buffer_is_its_energy_rank():
+  """B of rank 3 and r = 8: the step captures all of B, and the estimate is
+  the energy rank of B's own singular values (float64 SVD)."""
+  rng = np.random.default_rng(1)
+  u = np.linalg.qr(rng.standard_normal((40, 3)))[0]
+  v = np.linalg.qr(rng.standard_normal((24, 3)))[0]
+  b = (u * np.array([4.0, 2.0, 1.0])) @ v.T          # (fan_in, fan_out)
+  tx = od.scale_by_low_rank_orthogonalization(od.LowRankCompressor(
+      rank=8, adaptive_rank=True, rank_energy=ENERGY))
+  params = {"w": jnp.zeros((40, 24))}
+  _, state = tx.update({"w": jnp.asarray(b, jnp.float32)}, tx.init(params))
+  expected = reference.energy_rank(b, 1.0, ENERGY, 24)
+  assert expected == pytest.approx(1.2, abs=1e-12)   # 16/21 < 0.8 < 20/21
+  assert float(state.effective_rank["w"]) == pytest.approx(expected,
+                                                           abs=1e-4)
+
+
+def _trained(steps=3, seed=2):
+  rng = np.random.default_rng(seed)
+  params = kernel_tree(rng, SHAPES, DIMS)
+  tx = _optimizer()
+  params, state = _train(tx, params, _low_rank_gradients(rng, steps))
+  return tx, params, state, rng
+
+
+def test_resize_to_the_same_rank_is_the_identity():
+  _, _, state, _ = _trained()
+  for ranks in ({}, od.current_ranks(state)):
+    same = od.resize_ranks(state, ranks)
+    assert all(a is b for a, b in zip(jax.tree.leaves(same),
+                                      jax.tree.leaves(state)))
+
+
+def _matrices(x):
+  x = np.asarray(x, np.float64)
+  return x.reshape((-1,) + x.shape[-2:])
+
+
+def test_shrink_keeps_the_directions_of_most_energy():
+  _, _, state, _ = _trained()
+  small = od.resize_ranks(state, {"['tall']": 4, "['stack']": 3})
+  assert od.current_ranks(small) == {"['tall']": 4, "['wide']": 8,
+                                     "['stack']": 3}
+  assert (_field(small, "right_factor")["wide"]
+          is _field(state, "right_factor")["wide"])
+  for name, rank in (("tall", 4), ("stack", 3)):
+    q = _matrices(_field(state, "right_factor")[name])
+    g = _matrices(_field(state, "right_energy")[name])
+    new_q = _matrices(_field(small, "right_factor")[name])
+    new_g = _matrices(_field(small, "right_energy")[name])
+    for i in range(q.shape[0]):
+      values, vectors = np.linalg.eigh(g[i])
+      expected = q[i] @ vectors[:, ::-1][:, :rank]
+      # Eigenvectors are defined up to sign: compare the projectors.
+      np.testing.assert_allclose(new_q[i] @ new_q[i].T,
+                                 expected @ expected.T, atol=2e-5)
+      np.testing.assert_allclose(new_q[i].T @ new_q[i], np.eye(rank),
+                                 atol=2e-5)
+      np.testing.assert_allclose(new_g[i], np.diag(values[::-1][:rank]),
+                                 atol=2e-6)
+      # More of the energy than keeping the first columns would (Ky Fan).
+      assert np.trace(new_g[i]) >= np.trace(g[i][:rank, :rank]) - 1e-6
+
+
+@pytest.mark.parametrize("form", ["mu", "beta"])
+def test_training_on_after_a_shrink_matches_reference(form):
+  """Shrinking then training equals training at the smaller rank from the
+  resized state, step by step against float64."""
+  rng = np.random.default_rng(3)
+  params = kernel_tree(rng, SHAPES, DIMS)
+  tx = _optimizer(form=form)
+  params, state = _train(tx, params, _low_rank_gradients(rng, 3))
+  resized = od.resize_ranks(state, {"['tall']": 4, "['wide']": 5,
+                                    "['stack']": 3})
+  run_against_reference(
+      tx, params, _low_rank_gradients(rng, 3, noise=0.3), dims=DIMS,
+      form=form,
+      state=resized, rebase=True, **REFERENCE)
+
+
+def test_grow_appends_orthonormal_columns_drawn_from_the_seed():
+  tx, params, state, rng = _trained()
+  grown = od.resize_ranks(state, {"['tall']": 13})
+  q = np.asarray(_field(state, "right_factor")["tall"], np.float64)
+  new_q = np.asarray(_field(grown, "right_factor")["tall"], np.float64)
+  assert new_q.shape == (24, 13)
+  np.testing.assert_array_equal(new_q[:, :8], q)
+  np.testing.assert_allclose(new_q.T @ new_q, np.eye(13), atol=2e-5)
+  g = np.asarray(_field(grown, "right_energy")["tall"])
+  np.testing.assert_array_equal(
+      g[:8, :8], np.asarray(_field(state, "right_energy")["tall"]))
+  assert not g[8:].any() and not g[:, 8:].any()
+  again = od.resize_ranks(state, {"['tall']": 13})
+  np.testing.assert_array_equal(
+      np.asarray(_field(again, "right_factor")["tall"]), new_q)
+  other = od.resize_ranks(state, {"['tall']": 13}, seed=1)
+  assert not np.allclose(_field(other, "right_factor")["tall"][:, 8:],
+                         new_q[:, 8:])
+  # It trains on at the new rank.
+  params, grown = _train(tx, params, _low_rank_gradients(rng, 2), grown)
+  assert od.current_ranks(grown)["['tall']"] == 13
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+POLICY = od.RankPolicy(min_rank=8, max_rank=32, multiple_of=8,
+                       hysteresis=4.0)
+
+
+@pytest.mark.parametrize("estimate,current,expected", [
+    (0.0, 16, 16),     # no step yet
+    (17.5, 16, 24),    # beyond the rank: grow to the next multiple
+    (16.0, 16, 16),
+    (13.0, 16, 16),    # 13 + 4 still needs 24 > 16: keep
+    (11.9, 16, 16),    # 15.9 rounds up to 16: keep
+    (3.5, 16, 8),      # 7.5 rounds up to 8: shrink
+    (40.0, 24, 32),    # capped at max_rank
+    (1.0, 16, 8),      # floored at min_rank
+])
+def test_policy(estimate, current, expected):
+  assert adaptive_rank.target_rank(estimate, current, lowest=8, highest=32,
+                                   policy=POLICY) == expected
+
+
+def test_policy_does_not_flap_around_a_multiple():
+  rank, changes = 16, 0
+  for estimate in [17.0, 15.0, 17.0, 15.5, 16.5, 15.0] * 3:
+    new = adaptive_rank.target_rank(estimate, rank, lowest=8, highest=32,
+                                    policy=POLICY)
+    changes += new != rank
+    rank = new
+  assert changes == 1 and rank == 24
+
+
+def test_controller_follows_the_estimate_and_bounds_recompiles():
+  rng = np.random.default_rng(4)
+  params = kernel_tree(rng, SHAPES, DIMS)
+  tx = _optimizer()
+  traces = []
+
+  @jax.jit
+  def step(p, s, g):
+    traces.append(jax.tree.map(jnp.shape, _field(s, "right_factor")))
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  state = tx.init(params)
+  controller = od.RankController(interval=4, min_rank=2, multiple_of=2,
+                                 hysteresis=1.0)
+  for t, g in enumerate(_low_rank_gradients(rng, 16, rank=2)):
+    params, state = step(params, state, g)
+    state = controller.update(t + 1, state)
+  ranks = od.current_ranks(state)
+  # The energy rank of rank-2 gradients at 80% is at most 2; with the
+  # hysteresis, a multiple of 2 at most 4.
+  assert all(r <= 4 for r in ranks.values()), ranks
+  assert 1 <= controller.changes <= 16 // 4
+  assert all(t % 4 == 0 for t, _ in controller.history)
+  assert len(traces) <= controller.changes + 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_a_nonfinite_gradient_keeps_the_estimate_and_energy():
+  tx, params, state, rng = _trained()
+  g = _low_rank_gradients(rng, 1)[0]
+  g["tall"] = g["tall"].at[0, 0].set(jnp.nan)
+  _, after = _train(tx, params, [g], state)
+  for field in ("effective_rank", "right_energy"):
+    np.testing.assert_array_equal(_field(after, field)["tall"],
+                                  _field(state, field)["tall"])
+    assert not np.array_equal(_field(after, field)["wide"],
+                              _field(state, field)["wide"])
+  assert int(_field(after, "nonfinite_count")["tall"]) == 1
