@@ -129,6 +129,17 @@ def _resized(q: Array, energy: Array, key: Array, *, rank: int
           new_g.reshape(batch + (rank, rank)))
 
 
+def _replicated(x: Any) -> Any:
+  """``x`` whole on every device of its mesh: a resize works on whole
+  ``k x r`` factors (small), and an Explicit mesh refuses to join a split
+  factor with a fresh unsplit draw."""
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.device_put(x, jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec()))
+  return x
+
+
 def _placed_like(x: Array, like: Any) -> Array:
   """``x`` with ``like``'s sharding (its spec: only r changed)."""
   sharding = getattr(like, "sharding", None)
@@ -180,8 +191,8 @@ def resize_ranks(opt_state: Any, ranks: Mapping[str, int], *, seed: int = 0
         raise ValueError(f"resize_ranks: {path} is a matrix with {k} "
                          f"columns on its smaller side: its rank must be in "
                          f"[1, {k}], got {rank}.")
-      new_q, new_g = _resized(q, gs[path], _leaf_key(seed, path, rank),
-                              rank=int(rank))
+      new_q, new_g = _resized(_replicated(q), _replicated(gs[path]),
+                              _leaf_key(seed, path, rank), rank=int(rank))
       new[path] = (_placed_like(new_q, q), _placed_like(new_g, gs[path]))
     if not new:
       return state

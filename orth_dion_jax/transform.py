@@ -20,6 +20,7 @@ Non-finite values skip a matrix's step (``matrix_step``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -115,13 +116,20 @@ def low_rank_transformation(
       ranks = [jnp.shape(q)[-1] if jnp.ndim(q) >= 2 else None
                for q in tree_views.flatten_like(tree, right_factors,
                                                 "the optimizer state")]
-    views = [compressor.view(p, x.shape, d, rank=r)
-             for (p, x), d, r in zip(leaves, dims, ranks)]
-    # The arrays themselves (not their shapes) tell where they live.
+    initial = [compressor.view(p, x.shape, d) for (p, x), d in zip(leaves,
+                                                                   dims)]
+    # A rank outside [1, small] is clipped, so that check_right_factors
+    # reports the state's factor as the wrong shape.
+    views = [v if r is None else dataclasses.replace(
+        v, rank=min(max(r, 1), v.small)) for v, r in zip(initial, ranks)]
+    # The arrays themselves (not their shapes) tell where they live. The
+    # plans come from the initial ranks: whether a matrix compresses decides
+    # its momentum's form (per replica or not), which a resize must not
+    # change.
     arrays = [(p, x) for (p, _), x in zip(leaves, treedef.flatten_up_to(tree))]
     mesh = placement_lib.resolve_mesh(placement, arrays)
     plans = (None if mesh is None else placement_lib.leaf_plans(
-        placement, mesh, arrays, views, tree, per_replica))
+        placement, mesh, arrays, initial, tree, per_replica))
     return _Matrices(leaves, views, mesh, plans, treedef)
 
   def init_fn(params):

@@ -273,3 +273,174 @@ def test_a_nonfinite_gradient_keeps_the_estimate_and_energy():
     assert not np.array_equal(_field(after, field)["wide"],
                               _field(state, field)["wide"])
   assert int(_field(after, "nonfinite_count")["tall"]) == 1
+
+
+# --- Sharded and compressed data parallel ---------------------------------
+
+AXES = ("data", "fsdp", "tensor")
+SPECS = {"tall": P("fsdp", "tensor"), "wide": P("tensor", "fsdp"),
+         "stack": P(None, "fsdp", "tensor")}
+RESIZE = {"['tall']": 4, "['wide']": 12}
+
+
+def _run(tx, params, grads, put=lambda tree, lead: tree):
+  """3 steps, a resize, 2 steps; ``put`` places each input."""
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  params = put(params, False)
+  state = jax.jit(tx.init)(params)
+  shardings = None
+  for t, g in enumerate(grads):
+    if t == 3:
+      shardings = jax.tree.map(lambda x: x.sharding,
+                               _field(state, "right_factor"))
+      state = od.resize_ranks(state, RESIZE)
+    params, state = step(params, state, put(g, True))
+  return params, state, shardings
+
+
+@pytest.mark.parametrize("compressed", [False, True],
+                         ids=["sharded", "compressed_dp"])
+def test_sharded_and_compressed_match_single_device(compressed):
+  rng = np.random.default_rng(5)
+  params = kernel_tree(rng, SHAPES, DIMS)
+  replicas = 2
+  grads = [{k: jnp.asarray(rng.standard_normal((replicas,) + s), jnp.float32)
+            for k, s in SHAPES.items()} for _ in range(5)]
+  mean = [jax.tree.map(lambda x: jnp.mean(x, axis=0), g) for g in grads]
+  expected_params, expected, _ = _run(_optimizer(), params, mean)
+
+  mesh = jax.make_mesh((replicas, 2, 2), AXES)
+
+  def put(tree, lead):
+    if lead and not compressed:
+      tree = jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+      lead = False
+    prefix = ("data",) if lead else ()
+    return {k: jax.device_put(v, NamedSharding(mesh, P(*prefix, *SPECS[k])))
+            for k, v in tree.items()}
+  tx = _optimizer(mesh=mesh, data_axis="data" if compressed else None)
+  with jax.set_mesh(mesh):
+    params, state, shardings = _run(tx, params, grads, put)
+  assert od.current_ranks(state) == {**od.current_ranks(expected), **RESIZE}
+  for k in SHAPES:
+    q = _field(state, "right_factor")[k]
+    # The resize kept each right factor's layout (only r changed).
+    assert q.sharding.spec == shardings[k].spec, k
+    fields = [("right_factor", q), ("right_energy",
+                                     _field(state, "right_energy")[k])]
+    if not compressed:
+      # Compressed: ||B||^2 in the captured share (and so the estimate) is
+      # the replicas' mean, not that of the mean buffer.
+      fields.append(("effective_rank", _field(state, "effective_rank")[k]))
+    for name, actual in fields + [("params", params[k])]:
+      want = (expected_params[k] if name == "params"
+              else _field(expected, name)[k])
+      np.testing.assert_allclose(
+          np.asarray(actual), np.asarray(want),
+          atol=1e-5 * float(np.max(np.abs(want))), err_msg=f"{name}[{k}]")
+
+
+def test_compressed_traffic_shrinks_with_the_rank():
+  """The bytes crossing the data axis are (m + n) r float32 numbers per
+  matrix at each rank: a resize shrinks them in proportion."""
+  mesh = jax.make_mesh((8, 1, 1), AXES)
+  tx = od.scale_by_orth_dion(rank=8, weight_dimension_numbers=DIMS,
+                             adaptive_rank=True, mesh=mesh, data_axis="data")
+  rng = np.random.default_rng(6)
+  params = {k: jax.device_put(v, NamedSharding(mesh, P()))
+            for k, v in kernel_tree(rng, SHAPES, DIMS).items()}
+  grads = {k: jax.device_put(jnp.zeros((8,) + s), NamedSharding(mesh, P(
+      "data"))) for k, s in SHAPES.items()}
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init)(params)
+    measured = {}
+    for ranks in ({}, {"['tall']": 4, "['wide']": 2, "['stack']": 6}):
+      resized = od.resize_ranks(state, ranks)
+      compiled = jax.jit(tx.update).lower(grads, resized).compile()
+      measured[len(ranks)] = communication.bytes_crossing(
+          communication.collective_ops(compiled, mesh), "data")
+  def factor_bytes(ranks):
+    return sum(
+        int(np.prod(s[:-2], dtype=int)) * (s[-2] + s[-1])
+        * ranks.get(f"['{k}']", 8) * 4 for k, s in SHAPES.items())
+  for key, ranks in ((0, {}), (3, {"['tall']": 4, "['wide']": 2,
+                                    "['stack']": 6})):
+    expected = factor_bytes(ranks)
+    assert abs(measured[key] - expected) <= 0.05 * expected, (
+        measured, expected)
+  assert measured[3] < measured[0]
+
+
+# --- Bad input -------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(adaptive_rank="yes"), TypeError, "adaptive_rank"),
+    (dict(adaptive_rank=True, rank_energy=0.0), ValueError, "rank_energy"),
+    (dict(adaptive_rank=True, rank_energy=1.5), ValueError, "rank_energy"),
+    (dict(adaptive_rank=True, rank_ema=1.0), ValueError, "rank_ema"),
+    (dict(adaptive_rank=True, rank_ema="0.5"), TypeError,
+     "rank_ema"),
+])
+def test_bad_settings_name_the_argument(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    od.orth_dion(0.01, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(intervall=5), TypeError, "did you mean 'interval'"),
+    (dict(min_rank=8, max_rank=4), ValueError, "max_rank"),
+    (dict(multiple_of=0), ValueError, "multiple_of"),
+    (dict(hysteresis=-1.0), ValueError, "hysteresis"),
+    (dict(interval=2.5), TypeError, "interval"),
+])
+def test_bad_controller_settings_name_the_argument(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    od.RankController(**kwargs)
+
+
+def test_bad_resizes_name_the_path():
+  _, _, state, _ = _trained()
+  with pytest.raises(ValueError, match=r"\['nope'\]"):
+    od.resize_ranks(state, {"['nope']": 4})
+  with pytest.raises(ValueError, match=r"\['wide'\].*\[1, 16\], got 17"):
+    od.resize_ranks(state, {"['wide']": 17})
+  with pytest.raises(ValueError, match=r"\['wide'\].*got 0"):
+    od.resize_ranks(state, {"['wide']": 0})
+  with pytest.raises(TypeError, match=r"\['wide'\] must be an int"):
+    od.resize_ranks(state, {"['wide']": 4.0})
+
+
+def test_a_state_without_adaptive_rank_is_refused():
+  tx = od.orth_dion(0.01, rank=4)
+  state = tx.init({"w": jnp.ones((16, 8))})
+  with pytest.raises(ValueError, match="adaptive_rank=True"):
+    od.resize_ranks(state, {"['w']": 2})
+  with pytest.raises(ValueError, match="adaptive_rank=True"):
+    od.RankController(interval=1).update(1, state)
+
+
+def test_an_energy_gram_of_the_wrong_rank_names_the_path():
+  tx, params, state, rng = _trained()
+  # A right factor resized by hand, without its energy Gram.
+  q = dict(_field(state, "right_factor"))
+  q["tall"] = q["tall"][:, :4]
+  broken = optax.tree.set(state, right_factor=q)
+  with pytest.raises(ValueError, match=r"\['tall'\].*energy Gram.*resize_ranks"):
+    tx.update(_low_rank_gradients(rng, 1)[0], broken, params)
+
+
+def test_routing_summary_shows_the_ranks_held():
+  _, params, state, _ = _trained()
+  resized = od.resize_ranks(state, {"['tall']": 4})
+  rows = {r.path: r for r in od.routing_summary(
+      params, resized, rank=8, weight_dimension_numbers=DIMS)}
+  assert rows["['tall']"].rank == 4
+  assert rows["['tall']"].right_factor_shape == (24, 4)
+  assert rows["['stack']"].right_factor_shape == (2, 16, 8)
+  with pytest.raises(ValueError, match=r"\['other'\]"):
+    od.routing_summary({**params, "other": jnp.ones((8, 8))}, resized,
+                       weight_dimension_numbers={**DIMS, "other":
+                                                 od.DionDimensionNumbers()})
