@@ -1,10 +1,19 @@
 """Orbax checkpoints of a training run (model, optimizer state, data position), verified on restore.
 
 A checkpoint holds three items: "state", the model's and the optimizer's arrays (for Orth-Dion and
-Dion: momenta, low-rank right factors, AdamW moments, step counts); "data", the position of the
-batch stream as JSON; and "checksums", JSON again: the dtype, shape and sha256 of every array of
-"state", the data position, and the flags of the run that the state depends on. The three are one
-orbax save, committed by one rename, so no checkpoint has arrays without their checksums.
+Dion: momenta, low-rank right factors, AdamW moments, step counts); "data", JSON: the position of
+the batch stream and, for Orth-Dion and Dion, the rank of each low-rank matrix and the rank
+controller's history (--adaptive-rank); and "checksums", JSON again: the dtype, shape and sha256 of
+every array of "state", a copy of "data", and the flags of the run that the state depends on. The
+three are one orbax save, committed by one rename, so no checkpoint has arrays without their
+checksums.
+
+With --adaptive-rank the ranks change during a run, and with them the shapes of the right factors:
+a freshly built optimizer has the initial ranks. Before reading a checkpoint's arrays, the
+optimizer is resized to the ranks it recorded (examples/adaptive_rank.py), so that every array is
+read into the shape it was saved with; a checkpoint's ranks that this optimizer cannot take (it is
+not adaptive, or has other matrices) are left to the shape comparison below, which names the
+arrays.
 
 Restoring reads every array straight onto the sharding the freshly built model already has, so a
 run can resume on a different mesh. First, each array is read on its own, before orbax reads
@@ -24,13 +33,15 @@ import hashlib
 import pathlib
 import re
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
+
+from examples import adaptive_rank
 
 # What orbax names a step's directory: the step, with a suffix while the save is in flight (a run
 # killed mid-save leaves that one behind).
@@ -76,6 +87,12 @@ class FlagMismatchError(CheckpointMismatchError):
 
 class NoIntactCheckpointError(RuntimeError):
   """There are checkpoints, but every one of them is damaged: none can be restored."""
+
+
+class Progress(NamedTuple):
+  """What a checkpoint records of a run besides its arrays, to continue it exactly."""
+  position: int  # of the batch stream: the batches taken so far
+  rank_history: list[tuple[int, dict[str, int]]]  # RankController.history; [] without one
 
 
 class _Damaged(Exception):
@@ -181,6 +198,22 @@ def _read_every_array(state_directory: pathlib.Path) -> None:
                "fill_missing_data_reads": False}).result().read().result()
 
 
+def _resize_to(optimizer: nnx.Optimizer, ranks: dict[str, Any]) -> None:
+  """Resizes `optimizer`'s right factors to the `ranks` a checkpoint recorded, where they differ.
+
+  Its arrays are about to be overwritten by the checkpoint's: only their shapes matter. Ranks it
+  cannot take (an optimizer without adaptive_rank, another model) leave it as it is, for
+  check_compatible to name the arrays that differ.
+  """
+  held = adaptive_rank.optimizer_ranks(optimizer)
+  changed = {path: rank for path, rank in ranks.items() if held.get(path, rank) != rank}
+  if changed:
+    try:
+      adaptive_rank.resize_optimizer(optimizer, changed, seed=0)
+    except (ValueError, TypeError):
+      pass
+
+
 def _check_flags(recorded: dict[str, Any], flags: dict[str, Any], where: pathlib.Path) -> None:
   """Raises FlagMismatchError naming, one line each, every flag whose value differs from the one
   `recorded` in the checkpoint at `where`. Only flags both record are compared: one that only some
@@ -212,15 +245,22 @@ class Checkpointer:
                        "checksums": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, *,
-           data_position: int, flags: dict[str, Any] | None = None) -> None:
+           data_position: int, rank_history: list[tuple[int, dict[str, int]]] | None = None,
+           flags: dict[str, Any] | None = None) -> None:
     """Starts an asynchronous save; a run killed before it finishes keeps the previous one.
 
     The checksums are taken now, before the save starts, from host copies of the arrays being
     saved: they describe what the run had, not what the writer may have made of it. `flags`
-    ({flag: value}, JSON) are recorded with them, for restore_latest to compare.
+    ({flag: value}, JSON) are recorded with them, for restore_latest to compare. The ranks of
+    the optimizer's low-rank matrices are recorded whatever the optimizer, `rank_history` (the
+    rank controller's) when given.
     """
     state = _pure_state(model, optimizer)
-    data = {"position": data_position}
+    data: dict[str, Any] = {"position": data_position}
+    if ranks := adaptive_rank.optimizer_ranks(optimizer):
+      data["ranks"] = ranks
+    if rank_history:
+      data["rank_history"] = [[at, changed] for at, changed in rank_history]
     checksums = {"arrays": array_checksums(state), "data": data}
     if flags is not None:
       checksums["flags"] = flags
@@ -230,22 +270,20 @@ class Checkpointer:
         checksums=ocp.args.JsonSave(checksums)))
 
   def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer, *,
-                     flags: dict[str, Any] | None = None) -> int | None:
-    """Loads the newest intact checkpoint into `model` and `optimizer` in place.
+                     flags: dict[str, Any] | None = None) -> Progress | None:
+    """Loads the newest intact checkpoint into `model` and `optimizer` in place, the optimizer
+    first resized to the ranks the checkpoint recorded.
 
-    Returns its data position, or None when there is no checkpoint. Damaged checkpoints are
+    Returns its Progress, or None when there is no checkpoint. Damaged checkpoints are
     skipped with a warning each, and moved aside if an older one restores; if all are damaged,
     NoIntactCheckpointError. CheckpointMismatchError if the newest readable one was written for
     another model or optimizer; FlagMismatchError, before that, if it recorded `flags` (see save)
     that differ from the given ones. A checkpoint that recorded none is not compared.
     """
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        _pure_state(model, optimizer))
     damaged = []  # (step, what failed), newest first
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self._restore_verified(step, target, flags)
+        restored = self._restore_verified(step, model, optimizer, flags)
       except _Damaged as error:
         reason = str(error)
       else:
@@ -255,7 +293,9 @@ class Checkpointer:
           state = nnx.state(module)
           nnx.replace_by_pure_dict(state, pure)
           nnx.update(module, state)
-        return int(restored["data"]["position"])
+        data = restored["data"]
+        return Progress(int(data["position"]),
+                        [(int(at), changed) for at, changed in data.get("rank_history", [])])
       damaged.append((step, reason))
       warnings.warn(f"checkpoint step {step} at {self.directory / str(step)} is damaged, trying "
                     f"an older one: {reason}", stacklevel=2)
@@ -265,12 +305,13 @@ class Checkpointer:
           + "; ".join(f"step {step}: {reason}" for step, reason in damaged))
     return None
 
-  def _restore_verified(self, step: int, target: Any,
+  def _restore_verified(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
                         flags: dict[str, Any] | None) -> dict[str, Any]:
-    """The items of the checkpoint at `step`, its arrays read onto `target`'s shardings and
-    compared with their checksums. Raises _Damaged on anything missing, unreadable or altered;
-    FlagMismatchError if it recorded other `flags`, CheckpointMismatchError (from
-    check_compatible) if it was written for another model.
+    """The items of the checkpoint at `step`, its arrays read onto the shardings of `model` and
+    `optimizer` (the latter resized to the checkpoint's ranks) and compared with their checksums.
+    Raises _Damaged on anything missing, unreadable or altered; FlagMismatchError if it recorded
+    other `flags`, CheckpointMismatchError (from check_compatible) if it was written for another
+    model.
 
     Missing, cut or garbled files surface as whatever orbax, tensorstore or json raise, hence the
     broad excepts: each of those errors means the checkpoint cannot be read.
@@ -294,6 +335,14 @@ class Checkpointer:
       raise _Damaged("its checksums are garbled")
     if flags is not None and isinstance(checksums.get("flags"), dict):
       _check_flags(checksums["flags"], flags, where)
+    data = checksums.get("data")
+    ranks = data.get("ranks", {}) if isinstance(data, dict) else {}
+    if not isinstance(ranks, dict):
+      raise _Damaged("its ranks are garbled")
+    _resize_to(optimizer, ranks)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        _pure_state(model, optimizer))
     try:
       items = self.manager.metadata(step).item_metadata
     except Exception as error:  # pylint: disable=broad-exception-caught

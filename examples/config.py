@@ -24,6 +24,10 @@ ORTH_DION_RIGHT_FACTORS = ("qr", "polar")
 # Peak learning rates for the default model and budget (the centre of compare.py's sweep grid).
 DEFAULT_LEARNING_RATES = {"orth_dion": 0.04, "dion": 0.04, "muon": 0.04, "adamw": 0.008}
 _POSITIVE = integer(1)
+# The rank controller's defaults are the library's (RankPolicy): quoted in the help, not repeated.
+_RANK_POLICY = {field.name: field.default for field in dataclasses.fields(orth_dion_jax.RankPolicy)}
+# TrainConfig's rank flags -> the RankPolicy settings they give.
+_RANK_FLAGS = {"rank_interval": "interval", "min_rank": "min_rank", "rank_multiple": "multiple_of"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,19 @@ class TrainConfig:
   error_feedback: str = setting(
       "mu", "Dion / Orth-Dion error feedback: the reference mu-form, or the paper's beta-form",
       choices=orth_dion_jax.ERROR_FEEDBACK_FORMS)
+  adaptive_rank: bool = setting(
+      False, "Dion / Orth-Dion: Ada-Orth-Dion, each matrix's rank follows its effective rank, "
+      "decided every --rank-interval steps between --min-rank and the rank --rank-fraction gives "
+      "it at the start")
+  rank_interval: int | None = setting(
+      None, f"--adaptive-rank: steps between rank decisions (default: the library's, "
+      f"{_RANK_POLICY['interval']})", parse=_POSITIVE)
+  min_rank: int | None = setting(
+      None, f"--adaptive-rank: no rank goes below this (default: the library's, "
+      f"{_RANK_POLICY['min_rank']})", parse=_POSITIVE)
+  rank_multiple: int | None = setting(
+      None, f"--adaptive-rank: ranks are multiples of this, but at the bounds (default: the "
+      f"library's, {_RANK_POLICY['multiple_of']})", parse=_POSITIVE)
   decay: float | None = setting(
       None, "Dion / Orth-Dion error-feedback decay: mu in the mu-form, in [0, 1), beta in the "
             "beta-form, in [0, 1] (default: the library's)",
@@ -86,8 +103,8 @@ class TrainConfig:
   resume: bool = setting(
       False, "continue from the newest intact checkpoint in --out (an error if there is none, if "
       "it is past --steps, or if it was written with another --optimizer, --seed, "
-      "--rank-fraction, --orthogonalize, --right-factor, --error-feedback, --compressed-dp or "
-      "model shape)")
+      "--rank-fraction, --orthogonalize, --right-factor, --error-feedback, --adaptive-rank, "
+      "--compressed-dp or model shape)")
   overwrite: bool = setting(
       False, "start afresh although --out holds an earlier run's checkpoints, deleting them; "
       "refused if its checkpoints/ holds anything else")
@@ -118,10 +135,13 @@ def check_mesh(config: TrainConfig) -> None:
     raise ValueError(f"--right-factor {config.right_factor} needs orth_dion, not "
                      f"{config.optimizer!r}")
   low_rank_only = {"--error-feedback": config.error_feedback != "mu",
-                   "--decay": config.decay is not None}
+                   "--decay": config.decay is not None, "--adaptive-rank": config.adaptive_rank}
   for flag, given in low_rank_only.items():
     if given and config.optimizer not in ("orth_dion", "dion"):
       raise ValueError(f"{flag} needs orth_dion or dion, not {config.optimizer!r}")
+  for name in _RANK_FLAGS:
+    if getattr(config, name) is not None and not config.adaptive_rank:
+      raise ValueError(f"--{name.replace('_', '-')} needs --adaptive-rank")
   if config.error_feedback == "mu" and config.decay == 1:
     raise ValueError("--decay 1 is not a mu of the mu-form, which must be below 1")
   if config.compressed_dp and config.optimizer not in ("orth_dion", "dion"):
@@ -129,6 +149,13 @@ def check_mesh(config: TrainConfig) -> None:
   # It averages over the "data" replicas: with one there is nothing to compress, and no mesh.
   if config.compressed_dp and config.mesh_data == 1:
     raise ValueError("--compressed-dp needs --mesh-data > 1")
+
+
+def rank_policy(config: TrainConfig) -> dict[str, int]:
+  """The RankController keywords (RankPolicy's names) of the rank flags given; the library's
+  defaults for the rest."""
+  return {policy: getattr(config, name) for name, policy in _RANK_FLAGS.items()
+          if getattr(config, name) is not None}
 
 
 def check_config(config: TrainConfig) -> None:
@@ -163,9 +190,11 @@ def run_flags(config: TrainConfig) -> dict[str, Any]:
   if config.optimizer in ("orth_dion", "dion"):  # the others have no rank, QR method or replicas
     # --compressed-dp keeps a momentum per "data" replica: a state tree of its own, whose shapes
     # depend on --mesh-data.
+    # --adaptive-rank adds arrays to the state. Its controller's settings add none: a resumed run
+    # may change them, as it may the learning rate.
     flags |= {"--rank-fraction": config.rank_fraction, "--orthogonalize": config.orthogonalize,
               "--right-factor": config.right_factor, "--error-feedback": config.error_feedback,
-              "--compressed-dp": config.compressed_dp}
+              "--adaptive-rank": config.adaptive_rank, "--compressed-dp": config.compressed_dp}
     if config.compressed_dp:
       flags["--mesh-data"] = config.mesh_data
   return flags

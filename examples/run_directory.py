@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
+import orth_dion_jax
+from examples import adaptive_rank
 from examples.checkpointing import (Checkpointer, committed_steps, is_step_directory,
                                     not_written_by_orbax)
 from examples.config import TrainConfig, run_flags
@@ -61,9 +63,11 @@ def check_run_directory(config: TrainConfig) -> None:
                      "or choose another --out")
 
 
-def open_checkpoints(config: TrainConfig, model: Transformer,
-                     optimizer: nnx.Optimizer) -> tuple[Checkpointer | None, int]:
-  """(checkpointer or None, the step to continue from), restoring in place with --resume.
+def open_checkpoints(config: TrainConfig, model: Transformer, optimizer: nnx.Optimizer,
+                     controller: orth_dion_jax.RankController | None = None
+                     ) -> tuple[Checkpointer | None, int]:
+  """(checkpointer or None, the step to continue from), restoring in place with --resume: the
+  model, the optimizer (at the checkpoint's ranks) and the history of the rank `controller`.
 
   With --overwrite, first deletes the earlier run's step directories, and only those: anything
   else in the directory is left alone (check_run_directory refuses to start over it).
@@ -76,9 +80,14 @@ def open_checkpoints(config: TrainConfig, model: Transformer,
   if not config.checkpoint_every:
     return None, 0
   checkpointer = Checkpointer(directory)
-  restored = (checkpointer.restore_latest(model, optimizer, flags=run_flags(config))
-              if config.resume else None)
-  return checkpointer, restored or 0
+  if not config.resume:
+    return checkpointer, 0
+  progress = checkpointer.restore_latest(model, optimizer, flags=run_flags(config))
+  if progress is None:
+    return checkpointer, 0
+  if controller is not None:
+    adaptive_rank.restore_history(controller, progress.rank_history)
+  return checkpointer, progress.position
 
 
 class MetricsLog:

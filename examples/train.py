@@ -6,6 +6,7 @@
     python -m examples.train --resume       # continue from the latest checkpoint in --out
     python -m examples.train --overwrite    # start afresh, replacing the checkpoints in --out
     python -m examples.train --mesh-data 2 --mesh-fsdp 2 --mesh-tensor 2 --compressed-dp
+    python -m examples.train --adaptive-rank --rank-interval 50   # Ada-Orth-Dion
 
 Every flag is a field of config.TrainConfig. A run writes metrics.jsonl, loss.png and checkpoints
 to --out (default runs/<optimizer>), and never over an earlier run's checkpoints unless told to
@@ -16,6 +17,9 @@ get AdamW, as in the Dion reference.
 On a mesh, the batch is split over the "data" and "fsdp" axes and the weights over "fsdp" and
 "tensor" (model.partition_specs); Orth-Dion and Dion then run their sharded step. With
 --compressed-dp, gradients stay per "data" replica and only the low-rank factors are averaged.
+With --adaptive-rank, the rank of each matrix may change between steps, every --rank-interval
+steps (examples/adaptive_rank.py): metrics.jsonl records the ranks after each change, and the run
+ends by printing them per matrix type.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import orth_dion_jax
+from examples import adaptive_rank
 from examples import data as data_lib
 from examples.checkpointing import CheckpointMismatchError, NoIntactCheckpointError
 from examples.config import (OPTIMIZERS, TrainConfig, argument_parser, check_config, parse_args,
@@ -79,16 +84,8 @@ def make_optimizer(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
   wd = config.weight_decay
   if config.optimizer in ("orth_dion", "dion"):
     factory = orth_dion_jax.orth_dion if config.optimizer == "orth_dion" else orth_dion_jax.dion
-    chosen = {"orthogonalize": config.orthogonalize,
-              ("beta" if config.error_feedback == "beta" else "mu"): config.decay}
-    if config.optimizer == "orth_dion":
-      chosen["right_factor"] = config.right_factor
-    return factory(
-        lr, rank_fraction=config.rank_fraction, weight_decay=wd, seed=config.seed,
-        error_feedback=config.error_feedback,
-        **{name: value for name, value in chosen.items() if value is not None},
-        mesh=mesh, param_specs=param_specs, data_axis="data" if config.compressed_dp else None,
-        weight_dimension_numbers=lambda p: dimension_numbers(p, orth_dion_jax.DionDimensionNumbers))
+    return factory(lr, **low_rank_settings(config), mesh=mesh, param_specs=param_specs,
+                   data_axis="data" if config.compressed_dp else None)
   if config.optimizer == "muon":
     return optax.contrib.muon(
         lr, weight_decay=wd, adam_b1=0.95, adam_b2=0.98,
@@ -97,6 +94,20 @@ def make_optimizer(config: TrainConfig, mesh: jax.sharding.Mesh | None = None,
   if config.optimizer == "adamw":
     return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=wd, mask=hidden_matrix_mask)
   raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {OPTIMIZERS}")
+
+
+def low_rank_settings(config: TrainConfig) -> dict[str, Any]:
+  """The settings `config` gives orth_dion / dion, but the learning rate and the placement
+  (`orth_dion_jax.routing_summary` takes them too, to list the matrices and their ranks)."""
+  chosen = {"orthogonalize": config.orthogonalize,
+            ("beta" if config.error_feedback == "beta" else "mu"): config.decay}
+  if config.optimizer == "orth_dion":
+    chosen["right_factor"] = config.right_factor
+  return dict(
+      rank_fraction=config.rank_fraction, weight_decay=config.weight_decay, seed=config.seed,
+      error_feedback=config.error_feedback, adaptive_rank=config.adaptive_rank,
+      **{name: value for name, value in chosen.items() if value is not None},
+      weight_dimension_numbers=lambda p: dimension_numbers(p, orth_dion_jax.DionDimensionNumbers))
 
 
 def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
@@ -139,7 +150,7 @@ def replica_loss_and_grads(model: Transformer, inputs: jax.Array, targets: jax.A
 # The step functions take the model and optimizer as nnx.split's (graphdef, state) and run under
 # jax.jit: nnx.merge then runs once per compilation instead of a graph traversal on every call,
 # which matters for models this small. train() jits train_step and average_momenta_in_state with
-# out_shardings, the shardings of the state it starts from.
+# out_shardings, the shardings of the state they are given (jitted_steps).
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array,
                replica_mesh: jax.sharding.Mesh | None = None
                ) -> tuple[nnx.State, jax.Array, dict[str, jax.Array]]:
@@ -163,6 +174,21 @@ def average_momenta_in_state(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.St
   averaged = orth_dion_jax.average_replica_momenta(nnx.as_pure(optimizer.opt_state))
   nnx.update(optimizer.opt_state, nnx.state(averaged))
   return nnx.state((model, optimizer))
+
+
+def jitted_steps(state: nnx.State) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """train_step and average_momenta_in_state, jitted to return the state on the shardings
+  `state` has.
+
+  Left to choose, jit returns some leaves on other shardings, in name (P("fsdp") for the right
+  factors' P("fsdp", None)) or in fact (with --compressed-dp, the replicated norm scales split
+  over "fsdp"): the next call, given other shardings than the first, would compile again, and so
+  would eval_loss. The shardings are those of the state the next steps take: after a rank change,
+  whose right factors have new shapes, they are taken again.
+  """
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return (jax.jit(train_step, static_argnums=(0, 4), out_shardings=(shardings, None, None)),
+          jax.jit(average_momenta_in_state, static_argnums=0, out_shardings=shardings))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -234,7 +260,10 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
   mesh = make_mesh(config)
   sharding = batch_sharding(mesh)
   model, optimizer = build(config, mesh, tx)
-  checkpointer, start = open_checkpoints(config, model, optimizer)
+  # Before a restore resizes the optimizer: the bounds are the ranks this config starts with.
+  controller = adaptive_rank.start_controller(config, optimizer)
+  checkpointer, start = open_checkpoints(config, model, optimizer, controller)
+  ranks = adaptive_rank.optimizer_ranks(optimizer)
   # The batch stream is a function of (seed, position): resuming at step k resumes its position k.
   batches = data_lib.Batches(train_bytes, config.batch_size, config.seq_len, seed=config.seed,
                              position=start)
@@ -245,34 +274,39 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
 
   replica_mesh = mesh if config.compressed_dp else None
   graphdef, state = nnx.split((model, optimizer))
-  # The steps return the state on the shardings it starts on. Left to choose, jit returns some
-  # leaves on others, in name (P("fsdp") for the right factors' P("fsdp", None)) or in fact (with
-  # --compressed-dp, the replicated norm scales split over "fsdp"): the next call, given other
-  # shardings than the first, would compile again, and so would eval_loss.
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  take_step = jax.jit(train_step, static_argnums=(0, 4), out_shardings=(shardings, None, None))
-  average_momenta = jax.jit(average_momenta_in_state, static_argnums=0, out_shardings=shardings)
+  take_step, average_momenta = jitted_steps(state)
   log = MetricsLog(config.out_dir / "metrics.jsonl", resume_step=start if config.resume else None)
   val_loss = math.nan  # the latest validation loss, for the progress bar
   if start == 0:
     val_loss = validation_loss(graphdef, state, val_batches, sharding)
-    log.write([{"step": 0, "val_loss": val_loss}])
+    log.write([{"step": 0, "val_loss": val_loss}]
+              + ([adaptive_rank.rank_record(0, ranks)] if controller else []))
   bar = _progress_bar(config, start)
   pending = []  # (step, loss, diagnostics) still on device: fetched every log_every steps
   window_start, window_tokens = time.perf_counter(), 0
+  compiles_at = start + 1  # a step that compiles the train step: left out of the throughput
   for step in range(start + 1, config.steps + 1):
     inputs, targets = jax.device_put(next(batches), sharding)
     state, loss, diagnostics = take_step(graphdef, state, inputs, targets, replica_mesh)
     pending.append((step, loss, diagnostics))
     window_tokens += inputs.size
-    if step == start + 1:  # leave compilation out of the throughput
+    if step == compiles_at:
       loss.block_until_ready()
       window_start, window_tokens = time.perf_counter(), 0
     last = step == config.steps
+    changed = {}
+    # Decided before this step's checkpoint, which then holds the state the next step takes (a
+    # resumed run does not decide again at the step it resumes from); none after the last step.
+    if controller is not None and not last:
+      state, changed = adaptive_rank.follow(controller, step, graphdef, state)
+      if changed:
+        ranks = {**ranks, **changed}
+        take_step, average_momenta = jitted_steps(state)
+        compiles_at = step + 1
     evaluate = step % config.eval_every == 0 or last
     checkpoint = checkpointer is not None and (step % config.checkpoint_every == 0 or last)
     # A checkpoint at step k comes after the records of steps <= k are on disk.
-    if step % config.log_every == 0 or evaluate or checkpoint:
+    if step % config.log_every == 0 or evaluate or checkpoint or changed:
       fetched = jax.device_get(pending)
       tokens_per_s = window_tokens / (time.perf_counter() - window_start)
       records = [{"step": s, "loss": float(l), "lr": float(lrs[s - 1]),
@@ -281,6 +315,8 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
       if evaluate:
         val_loss = validation_loss(graphdef, state, val_batches, sharding)
         records.append({"step": step, "val_loss": val_loss})
+      if changed:
+        records.append(adaptive_rank.rank_record(step, ranks))
       log.write(records)
       if bar is not None:
         bar.update(len(pending))
@@ -292,6 +328,7 @@ def train(config: TrainConfig, corpus: tuple[np.ndarray, np.ndarray] | None = No
         state = average_momenta(graphdef, state)
       nnx.update((model, optimizer), state)
       checkpointer.save(step, model, optimizer, data_position=batches.position,
+                        rank_history=controller.history if controller else None,
                         flags=run_flags(config))
   if bar is not None:
     bar.close()
@@ -330,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f"validation loss after {final['step']} steps: {final['val_loss']:.3f} nats/byte "
         f"({final['val_loss'] / math.log(2):.2f} bits/byte); unigram entropy: {entropy:.3f} "
         "nats/byte")
+  rank_records = [r["ranks"] for r in records if "ranks" in r]
+  if rank_records:
+    print(f"ranks per matrix type (mean over layers), start -> end, after "
+          f"{len(rank_records) - 1} changes: "
+          f"{adaptive_rank.describe(rank_records[-1], rank_records[0])}")
   print(f"metrics: {config.out_dir / 'metrics.jsonl'}, plot: {config.out_dir / 'loss.png'}")
 
 
