@@ -47,6 +47,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from orth_dion_jax import orthogonalize
 from orth_dion_jax import settings
@@ -92,9 +93,17 @@ def current_ranks(opt_state: Any) -> dict[str, int]:
 def effective_ranks(opt_state: Any) -> dict[str, np.ndarray]:
   """The smoothed effective ranks (host copies, each with its weight's batch
   shape; 0 before the first step), by parameter path."""
-  return {path: np.asarray(jax.device_get(x))
-          for s in _adaptive_states(opt_state)
+  return {path: _host(x) for s in _adaptive_states(opt_state)
           for path, x in _by_path(s.effective_rank).items()}
+
+
+def _host(x: Any) -> np.ndarray:
+  """A whole copy of ``x`` on this host, also when other hosts hold parts
+  of it (a stack of layers split over a mesh axis that crosses hosts)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                       or x.is_fully_replicated):
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def _leaf_key(seed: int, path: str, rank: int) -> Array:

@@ -33,7 +33,12 @@ BATCH, FAN_IN, HIDDEN = 16, 32, 64
 MODES = {
     "sharded": ("fsdp", "data", "tensor"),
     "data_parallel": ("data", "fsdp", "tensor"),
+    # Compressed data parallelism with adaptive rank: every host's
+    # RankController must take the same decisions, or the hosts' programs
+    # (their shapes) would differ.
+    "adaptive": ("data", "fsdp", "tensor"),
 }
+ADAPTIVE_STEPS = 8
 
 PARAM_SPECS = {
     "w1": P("fsdp", "tensor"),
@@ -79,8 +84,11 @@ def loss_fn(params: dict, batch: dict) -> jax.Array:
   return jnp.mean((prediction - batch["y"]) ** 2)
 
 
-def train(mode: str, steps: int = STEPS) -> dict[str, np.ndarray]:
-  """``steps`` Orth-Dion steps in ``mode``; final params and losses on host."""
+def train(mode: str, steps: int | None = None) -> dict[str, np.ndarray]:
+  """Orth-Dion steps in ``mode``; final params and losses on host (and the
+  adaptive mode's ranks: each host's, stacked, and how often they
+  changed)."""
+  steps = steps or (ADAPTIVE_STEPS if mode == "adaptive" else STEPS)
   mesh = make_mesh(mode)
   host_params, host_batch = _host_data()
   with jax.set_mesh(mesh):
@@ -93,8 +101,14 @@ def train(mode: str, steps: int = STEPS) -> dict[str, np.ndarray]:
       grad_fn = jax.value_and_grad(loss_fn)
     else:
       tx = orth_dion_jax.orth_dion(
-          learning_rate=0.02, rank_fraction=0.25, mesh=mesh, data_axis="data")
+          learning_rate=0.02, rank_fraction=0.25, mesh=mesh, data_axis="data",
+          # A fifth of the energy: below rank 8 on this problem (whose replicas
+          # disagree: the estimate counts their own noise), so ranks change.
+          **({"adaptive_rank": True, "rank_energy": 0.2}
+             if mode == "adaptive" else {}))
       grad_fn = per_replica_value_and_grad(loss_fn, mesh, data_axis="data")
+    controller = orth_dion_jax.RankController(
+        interval=2, min_rank=1, multiple_of=1, hysteresis=0.5)
 
     @jax.jit
     def step(params, opt_state, batch):
@@ -104,12 +118,19 @@ def train(mode: str, steps: int = STEPS) -> dict[str, np.ndarray]:
 
     opt_state = jax.jit(tx.init)(params)
     losses = []
-    for _ in range(steps):
+    for t in range(steps):
       params, opt_state, loss = step(params, opt_state, batch)
       losses.append(loss)
+      if mode == "adaptive":
+        opt_state = controller.update(t + 1, opt_state)
     params, losses = multihost_utils.process_allgather(
         (params, jnp.stack(losses)), tiled=True)
-  return {**params, "loss": losses}
+    extra = {}
+    if mode == "adaptive":
+      ranks = np.array(list(orth_dion_jax.current_ranks(opt_state).values()))
+      extra = {"ranks": ranks, "changes": np.array(controller.changes),
+               "ranks_by_process": multihost_utils.process_allgather(ranks)}
+  return {**params, "loss": losses, **extra}
 
 
 def mesh_processes(mode: str) -> np.ndarray:

@@ -110,5 +110,15 @@ def test_leading_mesh_axis_crosses_the_processes(two_process_results, mode):
 def test_two_processes_match_one(two_process_results, mode):
   expected = multihost_worker.train(mode)
   got = _mode_results(two_process_results, mode)
+  if mode == "adaptive":
+    # Every host chose the same ranks, those of the one-process run, and
+    # they did change.
+    by_process = got.pop("ranks_by_process")
+    expected.pop("ranks_by_process")
+    assert by_process.shape[0] == 2
+    np.testing.assert_array_equal(by_process[0], by_process[1])
+    np.testing.assert_array_equal(by_process[0], expected["ranks"])
+    assert int(got["changes"]) >= 1
+    assert np.all(got["ranks"] < 8), got["ranks"]
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-7)
   assert got["loss"][-1] < got["loss"][0]
