@@ -1,25 +1,35 @@
 """The paper's comparison at CPU scale: AdamW, Muon, and in each error-feedback form (mu, beta) and
-at each rank fraction (1/2, 1/4, 1/8) Dion, Orth-Dion and Orth-Dion with the polar right factor,
-on one small byte-level transformer with the same data, steps and seeds for every arm.
+at each rank fraction (1/2, 1/4, 1/8) Dion, Orth-Dion, Orth-Dion with the polar right factor and,
+when asked for, Ada-Orth-Dion (adaptive rank), on one small byte-level transformer with the same
+data, steps and seeds for every arm.
 
     python -m examples.compare                       # default: 17 min on 2 busy CPU cores
-    python -m examples.compare --full                # all 20 arms: about an hour
-    python -m examples.compare --forms mu beta --ranks 4 --arms dion orth_dion polar
+    python -m examples.compare --full                # all 20 arms but Ada: about an hour
+    python -m examples.compare --forms mu beta --ranks 4 --arms dion orth_dion polar ada
     python -m examples.compare --steps 900 --lrs-from runs/compare/results.json --arms dion ...
 
 The default runs the paper's own setting, the beta-form, at rank 1/4, with AdamW and Muon as
 baselines: five arms, measured at 17 minutes on 2 cores shared with other work (load 7-8), inside
 a 25-minute budget that the mu-form's three arms at the same rank (about 9 runs of 20 s an arm)
-would break. --forms, --ranks and --arms choose other arms; --full runs them all.
+would break. --forms, --ranks and --arms choose other arms; --full runs them all but Ada, which
+runs only when --arms names it ("ada").
+
+"ada" is Orth-Dion (QR right factor) with adaptive_rank=True: it starts at the arm's rank, and its
+RankController (examples/adaptive_rank.py) decides every --rank-interval steps, between --min-rank
+and that initial rank, in multiples of --rank-multiple. The defaults (every 50 of 300 steps,
+ranks 4 to 16 in steps of 4 at rank 1/4 of width 64) are the library's policy (every 100 steps,
+multiples of 8, at least 8) scaled to this model, whose rank 16 the library's multiples would
+allow only to halve; they were set before any run and are not swept.
 
 Procedure, identical for every arm:
   1. Learning-rate sweep on --sweep-seeds seeds: a geometric grid of --grid-points rates, a factor
      --grid-factor apart, centred on the optimizer's default rate (the same for Dion, Orth-Dion
      and polar), scored by the mean final validation loss over those seeds. While the best score
      sits at an end of the grid, the grid grows by one rate at that end (at most --max-extensions
-     times); a best rate still at an end is reported as an edge hit. --lrs-from skips the sweep and
-     takes each arm's rate from an earlier results.json (for longer runs), --lr gives every arm
-     one rate; the report marks such rates "fixed".
+     times); a best rate still at an end is reported as an edge hit. --lrs-from skips the sweep of
+     the arms it has a rate for, taking it from earlier results.json files (for longer runs, or
+     to add an arm to an earlier comparison: an arm none of them has is swept); --lr gives every
+     arm one rate; the report marks such rates "fixed". Ada's grid is Orth-Dion's.
   2. The best rate is rerun on --seeds fresh seeds (not the sweep seeds, so the reported losses are
      independent of the selection). A seed sets the model's initialization and the batch order, so
      seed s of one arm and seed s of another see the same data from the same start: the
@@ -32,8 +42,11 @@ arms nu = ||P Q^T||_op (mean over matrices and steps, and its maximum) and the a
 <B, P Q^T> / (nu ||P^T B||_*) (mean, and minimum over matrices and steps). Per form and rank:
 Orth-Dion - Dion and polar - Orth-Dion, paired by seed (mean, std of the paired differences, the
 t ratio mean / (std / sqrt(n))), and the steps Orth-Dion and polar take to reach Dion's final
-validation loss as a fraction of Dion's (the paper's 0.88x), read off the validation curve.
-Nothing is tuned per optimizer beyond step 1. The initial right factor Q0 of the low-rank arms is
+validation loss as a fraction of Dion's (the paper's 0.88x), read off the validation curve; and
+Ada - Orth-Dion with Ada's steps to Orth-Dion's final loss. For every low-rank arm, the ranks it
+ends at per matrix type (Ada's, mean over layers and seeds), and the cost of its optimizer update
+at those ranks: the wall time of the jitted update, and the bytes compressed data parallelism would
+average per step (examples/update_cost.py). Nothing is tuned per optimizer beyond step 1. The initial right factor Q0 of the low-rank arms is
 drawn from seed 0 in every run, so that the seeds of an arm's learning rate share one optimizer,
 and with it one compiled train step.
 """
@@ -52,15 +65,19 @@ import numpy as np
 import optax
 from scipy import stats
 
+from examples import adaptive_rank
+from examples import compare_report
 from examples import data as data_lib
 from examples import train as train_lib
+from examples import update_cost
 from examples.config import DEFAULT_LEARNING_RATES, QR_METHODS, SCHEDULES, TrainConfig
 from examples.model import ModelConfig
 
 FORMS = ("mu", "beta")
 RANKS = (2, 4, 8)  # rank fraction 1/k
-LOW_RANK = ("dion", "orth_dion", "polar")
+LOW_RANK = ("dion", "orth_dion", "polar", "ada")
 OPTIMIZERS = ("adamw", "muon", *LOW_RANK)
+DEFAULT_ARMS = tuple(name for name in OPTIMIZERS if name != "ada")  # Ada sweeps its own rates
 DECAY = 0.95  # mu and beta alike: the library's default, fixed, not swept
 DEFAULT_FORMS, DEFAULT_RANKS = ("beta",), (4,)
 DIAGNOSTICS = ("nu_mean", "nu_max", "alignment_mean", "alignment_min", "captured_fraction_mean")
@@ -68,8 +85,9 @@ DIAGNOSTICS = ("nu_mean", "nu_max", "alignment_mean", "alignment_min", "captured
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """One optimizer setting: "polar" is orth_dion with right_factor="polar"; the low-rank arms have
-  an error-feedback form and a rank (fraction 1/rank), AdamW and Muon neither."""
+  """One optimizer setting: "polar" is orth_dion with right_factor="polar", "ada" orth_dion with
+  adaptive_rank=True; the low-rank arms have an error-feedback form and a rank (fraction 1/rank,
+  Ada's initial one), AdamW and Muon neither."""
   optimizer: str
   form: str | None = None
   rank: int | None = None
@@ -78,13 +96,17 @@ class Arm:
   def name(self) -> str:
     return self.optimizer if self.rank is None else f"{self.optimizer} {self.form} r=1/{self.rank}"
 
-  def settings(self) -> dict:
-    """The TrainConfig fields this arm sets."""
+  def settings(self, rank_policy: dict | None = None) -> dict:
+    """The TrainConfig fields this arm sets; Ada's include `rank_policy`, the fields of its rank
+    controller ({"rank_interval": ..., ...}; default: the library's)."""
     if self.rank is None:
       return {"optimizer": self.optimizer}
-    return {"optimizer": "dion" if self.optimizer == "dion" else "orth_dion",
-            "right_factor": "polar" if self.optimizer == "polar" else "qr",
-            "error_feedback": self.form, "decay": DECAY, "rank_fraction": 1 / self.rank}
+    settings = {"optimizer": "dion" if self.optimizer == "dion" else "orth_dion",
+                "right_factor": "polar" if self.optimizer == "polar" else "qr",
+                "error_feedback": self.form, "decay": DECAY, "rank_fraction": 1 / self.rank}
+    if self.optimizer == "ada":
+      settings |= {"adaptive_rank": True, **(rank_policy or {})}
+    return settings
 
 
 def arm_grid(optimizers: Sequence[str], forms: Sequence[str], ranks: Sequence[int]) -> list[Arm]:
@@ -101,6 +123,12 @@ class Run:
   seed: int
   val_loss: float  # final; inf if the run diverged
   records: list[dict]
+
+  @property
+  def final_ranks(self) -> dict[str, int] | None:
+    """The ranks an adaptive run's last steps ran at ({path: rank}); None for the others."""
+    ranks = [r["ranks"] for r in self.records if "ranks" in r]
+    return ranks[-1] if ranks else None
 
   def curve(self) -> tuple[np.ndarray, np.ndarray]:
     """(steps, validation losses) of the evaluations, step 0 included."""
@@ -128,6 +156,7 @@ class ArmResult:
   best_lr: float
   edge: str | None  # "low" or "high" when the best rate is still at an end of the grid
   runs: list[Run]  # the best rate on the reporting seeds
+  costs: list[update_cost.UpdateCost] = dataclasses.field(default_factory=list)  # per run
 
   @property
   def losses(self) -> np.ndarray:
@@ -150,19 +179,46 @@ class ArmResult:
         "val_loss_std": float(self.losses.std(ddof=1)) if len(self.runs) > 1 else 0.0,
         **{key: float(reduce[key](values)) if values.size else None
            for key, values in diagnostics.items()},
+        **self._cost_summary(),
     }
+
+  def _cost_summary(self) -> dict:
+    """The ranks the runs end at (mean over layers and seeds: per matrix type and over every
+    matrix) and the cost of the update there (mean over runs); {} without costs."""
+    if not self.costs:
+      return {}
+    by_type = [adaptive_rank.by_matrix_type(cost.ranks) for cost in self.costs]
+    return {"ranks_by_type": {kind: float(np.mean([ranks[kind] for ranks in by_type]))
+                              for kind in by_type[0]},
+            "mean_rank": float(np.mean([list(cost.ranks.values()) for cost in self.costs])),
+            "update_ms": 1e3 * float(np.mean([cost.step_s for cost in self.costs])),
+            "factor_bytes": float(np.mean([cost.factor_bytes for cost in self.costs]))}
 
 
 class Runner:
   """Trains one arm at one learning rate and seed; the seeds of a learning rate reuse one
   optimizer (its Q0 from seed 0), hence one compilation per arm and learning rate."""
 
-  def __init__(self, base: TrainConfig, corpus, out: pathlib.Path, log):
+  def __init__(self, base: TrainConfig, corpus, out: pathlib.Path, log,
+               rank_policy: dict | None = None):
     self.base, self.corpus, self.out, self.log = base, corpus, out, log
+    self.rank_policy = rank_policy
     self.optimizers: dict[tuple[Arm, float], optax.GradientTransformation] = {}
 
   def _config(self, arm: Arm, lr: float, seed: int) -> TrainConfig:
-    return dataclasses.replace(self.base, lr=lr, seed=seed, **arm.settings())
+    return dataclasses.replace(self.base, lr=lr, seed=seed, **arm.settings(self.rank_policy))
+
+  def costs(self, result: ArmResult) -> list[update_cost.UpdateCost]:
+    """The cost of a low-rank arm's update at the ranks each of its runs ended at (the same for
+    every run of a fixed rank: measured once)."""
+    config, tx = self._config(result.arm, result.best_lr, 0), self._optimizer(result.arm,
+                                                                             result.best_lr)
+    measured = {}
+    for run in result.runs:
+      key = json.dumps(run.final_ranks, sort_keys=True)
+      if key not in measured:
+        measured[key] = update_cost.measure(config, tx, run.final_ranks)
+    return [measured[json.dumps(run.final_ranks, sort_keys=True)] for run in result.runs]
 
   def _optimizer(self, arm: Arm, lr: float) -> optax.GradientTransformation:
     if (arm, lr) not in self.optimizers:
@@ -209,7 +265,10 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
   d = np.asarray(a, float) - np.asarray(b, float)
   n = d.size
   std = float(d.std(ddof=1))
-  t = float(d.mean() / (std / math.sqrt(n))) if std > 0 else math.copysign(math.inf, d.mean())
+  if std > 0:
+    t = float(d.mean() / (std / math.sqrt(n)))
+  else:  # every seed the same difference: none (identical runs) is no evidence either way
+    t = 0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean())
   return {"mean": float(d.mean()), "std": std, "t": t, "p": float(2 * stats.t.sf(abs(t), n - 1)),
           "n": n, "per_seed": d.tolist(),
           "seed_spread": float((np.std(a, ddof=1) + np.std(b, ddof=1)) / 2)}
@@ -243,114 +302,25 @@ def steps_ratio(runs: Sequence[Run], targets: Sequence[Run]) -> dict:
 
 
 def comparisons(results: dict[str, ArmResult]) -> list[dict]:
-  """Per form and rank with both arms of a pair: Orth-Dion vs Dion and polar vs Orth-Dion."""
+  """Per form and rank with both arms of a pair: Orth-Dion vs Dion, polar vs Orth-Dion and Ada vs
+  Orth-Dion."""
   rows = []
   for form in FORMS:
     for rank in RANKS:
       arm = {name: results.get(Arm(name, form, rank).name) for name in LOW_RANK}
       row = {"form": form, "rank": rank,
              **{f"{name}_loss": r and float(r.losses.mean()) for name, r in arm.items()}}
-      for a, b in (("orth_dion", "dion"), ("polar", "orth_dion"), ("polar", "dion")):
+      pairs = (("orth_dion", "dion"), ("polar", "orth_dion"), ("polar", "dion"),
+               ("ada", "orth_dion"))
+      for a, b in pairs:
         if arm[a] and arm[b]:
           row[f"{a}_minus_{b}"] = paired_difference(arm[a].losses, arm[b].losses)
-      for name in ("orth_dion", "polar"):
-        if arm[name] and arm["dion"]:
-          row[f"{name}_steps_to_dion"] = steps_ratio(arm[name].runs, arm["dion"].runs)
-      if any(key.endswith("_minus_dion") for key in row):
+      for a, b in (("orth_dion", "dion"), ("polar", "dion"), ("ada", "orth_dion")):
+        if arm[a] and arm[b]:
+          row[f"{a}_steps_to_{b}"] = steps_ratio(arm[a].runs, arm[b].runs)
+      if any("_minus_" in key for key in row):
         rows.append(row)
   return rows
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-  return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _diff(d: dict | None) -> str:
-  if d is None:
-    return "-"
-  return f"{d['mean']:+.4f} ± {d['std']:.4f} (t={d['t']:+.1f}, p={d['p']:.2f})"
-
-
-def _ratio(r: dict | None) -> str:
-  if r is None:
-    return "-"
-  per_seed = ", ".join("never" if x is None else f"{x:.2f}" for x in r["per_seed"])
-  return f"{'never' if r['mean_curve'] is None else format(r['mean_curve'], '.2f')} ({per_seed})"
-
-
-def tables(summaries: Sequence[dict], rows: Sequence[dict]) -> str:
-  """Markdown tables: one row per arm, then one per form and rank."""
-  n = len(summaries[0]["seeds"])
-  lines = [f"Final validation loss (nats/byte) at each arm's learning rate, mean ± std over {n} "
-           "seeds; nu and alignment over all matrices and steps of those runs.", "",
-           "| arm | lr | lr at grid edge | final val loss | nu mean | nu max | alignment mean | "
-           "alignment min |", "|---|---|---|---|---|---|---|---|"]
-  for s in summaries:
-    edge = (s["edge"] or "no") if s["lr_source"] == "sweep" else "fixed, no sweep"
-    lines.append(f"| {s['arm']} | {s['best_lr']:.4g} | {edge} | {s['val_loss_mean']:.4f} ± "
-                 f"{s['val_loss_std']:.4f} | {_num(s['nu_mean'])} | {_num(s['nu_max'])} | "
-                 f"{_num(s['alignment_mean'])} | {_num(s['alignment_min'])} |")
-  if rows:
-    lines += ["", "Paired by seed: mean ± std of the differences (t = mean / (std / sqrt(n)), "
-              "two-sided p); seed sd: the std of one arm's final loss. Steps to Dion's final loss "
-              "as a fraction of Dion's steps: on the seed-mean curve (per seed).", "",
-              "| form | rank | Dion | Orth-Dion | polar | Orth-Dion - Dion | seed sd | "
-              "polar - Orth-Dion | Orth-Dion steps to Dion | polar steps to Dion |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-      pair = row.get("orth_dion_minus_dion")
-      lines.append(
-          f"| {row['form']} | 1/{row['rank']} | {_num(row['dion_loss'], 4)} | "
-          f"{_num(row['orth_dion_loss'], 4)} | {_num(row['polar_loss'], 4)} | {_diff(pair)} | "
-          f"{_num(pair and pair['seed_spread'], 4)} | {_diff(row.get('polar_minus_orth_dion'))} | "
-          f"{_ratio(row.get('orth_dion_steps_to_dion'))} | "
-          f"{_ratio(row.get('polar_steps_to_dion'))} |")
-  return "\n".join(lines)
-
-
-def plot(results: dict[str, ArmResult], path: pathlib.Path) -> None:
-  """Validation curves (seed mean, min-max band), the sweeps, and nu and alignment per step."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-  (ax_curve, ax_sweep), (ax_nu, ax_align) = axes
-  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  # One colour per optimizer and rank, the form by line style: an arm's mu and beta runs read as
-  # one family.
-  families = list(dict.fromkeys((r.arm.optimizer, r.arm.rank) for r in results.values()))
-  for name, result in results.items():
-    color = palette[families.index((result.arm.optimizer, result.arm.rank)) % len(palette)]
-    style = dict(color=color, label=name, ls=":" if result.arm.form == "mu" else "-")
-    steps = result.runs[0].curve()[0]
-    val = np.array([run.curve()[1] for run in result.runs])
-    ax_curve.plot(steps, val.mean(axis=0), **style)
-    ax_curve.fill_between(steps, val.min(axis=0), val.max(axis=0), color=color, alpha=0.15)
-    if result.sweep:
-      ax_sweep.plot([p.lr for p in result.sweep], [min(p.val_loss, 10.0) for p in result.sweep],
-                    marker="o", **style)
-    if result.arm.rank:
-      for ax, key in ((ax_nu, "nu_mean"), (ax_align, "alignment_mean")):
-        values = np.mean([run.diagnostic(key) for run in result.runs], axis=0)
-        ax.plot(np.arange(1, values.size + 1), values, **style)
-  bottom = min(r.losses.min() for r in results.values())
-  ax_curve.set(xlabel="step", ylabel="validation loss (nats/byte), seed mean and range",
-               title="validation loss at each arm's learning rate",
-               ylim=(bottom - 0.03, bottom + 0.6))
-  ax_sweep.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (sweep seeds)",
-               title="learning-rate sweep")
-  ax_nu.set(xlabel="step", ylabel="nu = ||P Q^T||_op, mean over matrices", title="update norm")
-  ax_align.set(xlabel="step", ylabel="<B, P Q^T> / (nu ||P^T B||_*), mean over matrices",
-               title="alignment (1 for polar)")
-  for ax in axes.flat:
-    ax.grid(alpha=0.3)
-    if ax.has_data():  # the sweep panel stays empty when every rate was fixed
-      ax.legend(fontsize=7)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -373,17 +343,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   add("--grid-points", type=int, default=5)
   add("--grid-factor", type=float, default=2**0.5)
   add("--max-extensions", type=int, default=3)
-  add("--arms", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), metavar="OPTIMIZER",
-      help=f"a subset of {', '.join(OPTIMIZERS)} (default: all)")
+  add("--arms", nargs="+", choices=OPTIMIZERS, default=list(DEFAULT_ARMS), metavar="OPTIMIZER",
+      help=f"a subset of {', '.join(OPTIMIZERS)} (default: all but ada)")
   add("--forms", nargs="+", choices=FORMS, default=None,
       help=f"error-feedback forms of the low-rank arms (default: {' '.join(DEFAULT_FORMS)})")
   add("--ranks", nargs="+", type=int, choices=RANKS, default=None,
       help=f"rank fractions 1/k of the low-rank arms (default: "
            f"{' '.join(map(str, DEFAULT_RANKS))})")
   add("--full", action="store_true", help="every form and rank (unless --forms / --ranks say)")
+  add("--rank-interval", type=int, default=50, help="ada: steps between rank decisions")
+  add("--min-rank", type=int, default=4, help="ada: the lowest rank")
+  add("--rank-multiple", type=int, default=4, help="ada: ranks are multiples of this")
   rates = parser.add_mutually_exclusive_group()
-  rates.add_argument("--lrs-from", default=None,
-                     help="a results.json whose arms' rates to use: no sweep")
+  rates.add_argument("--lrs-from", nargs="+", default=None, metavar="RESULTS_JSON",
+                     help="earlier results.json files whose arms' rates to use (no sweep for "
+                          "those arms; the others are swept)")
   rates.add_argument("--lr", type=float, default=None, help="one rate for every arm: no sweep")
   add("--data", default=None)
   add("--out", default="runs/compare")
@@ -404,11 +378,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   out = pathlib.Path(args.out)
   arms = arm_grid(args.arms, args.forms, args.ranks)
   fixed = {arm.name: args.lr for arm in arms} if args.lr else {}
-  if args.lrs_from:
-    earlier = json.loads(pathlib.Path(args.lrs_from).read_text())
-    fixed = {s["arm"]: s["best_lr"] for s in earlier["arms"]}
-    if missing := [arm.name for arm in arms if arm.name not in fixed]:
-      raise SystemExit(f"--lrs-from {args.lrs_from} has no rate for {', '.join(missing)}")
+  for path in args.lrs_from or []:
+    fixed |= {s["arm"]: s["best_lr"] for s in json.loads(pathlib.Path(path).read_text())["arms"]}
+  if args.lrs_from and (swept := [arm.name for arm in arms if arm.name not in fixed]):
+    print(f"no rate in {' '.join(args.lrs_from)} for {', '.join(swept)}: swept", flush=True)
   base = TrainConfig(
       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
       model=ModelConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads),
@@ -419,7 +392,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f"{len(arms)} arms ({', '.join(arm.name for arm in arms)}), {args.steps} steps of "
         f"{args.batch_size}x{args.seq_len} bytes; unigram entropy of the corpus "
         f"{data_lib.unigram_entropy(corpus[0]):.3f} nats/byte", flush=True)
-  runner = Runner(base, corpus, out, log=lambda line: print(line, flush=True))
+  rank_policy = {"rank_interval": args.rank_interval, "min_rank": args.min_rank,
+                 "rank_multiple": args.rank_multiple}
+  runner = Runner(base, corpus, out, log=lambda line: print(line, flush=True),
+                  rank_policy=rank_policy)
   sweep_seeds = list(range(args.sweep_seeds))
   seeds = [args.sweep_seeds + i for i in range(args.seeds)]
   results = {}
@@ -427,16 +403,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if arm.name in fixed:
       grid, best_lr, edge = [], fixed[arm.name], None
     else:
-      center = DEFAULT_LEARNING_RATES["orth_dion" if arm.optimizer == "polar" else arm.optimizer]
+      center = DEFAULT_LEARNING_RATES[
+          "orth_dion" if arm.optimizer in ("polar", "ada") else arm.optimizer]
       grid, best_lr, edge = sweep(runner, arm, center=center, points=args.grid_points,
                                   factor=args.grid_factor, max_extensions=args.max_extensions,
                                   seeds=sweep_seeds)
     results[arm.name] = ArmResult(arm, grid, best_lr, edge,
                                   [runner(arm, best_lr, seed) for seed in seeds])
+  # After every run, one arm after the other: the timings share the machine's load of the moment.
+  for result in results.values():
+    if result.arm.rank:
+      result.costs = runner.costs(result)
 
   summaries = [result.summary() for result in results.values()]
   rows = comparisons(results)
-  print("\n" + tables(summaries, rows))
+  print("\n" + compare_report.tables(summaries, rows))
   report = {
       "settings": {**vars(args), "decay": DECAY, "model": dataclasses.asdict(base.model),
                    "eval_every": base.eval_every, "sweep_seeds": sweep_seeds,
@@ -451,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   json_path.parent.mkdir(parents=True, exist_ok=True)
   json_path.write_text(json.dumps(report, indent=1))
   plot_path = pathlib.Path(args.plot or out / "compare.png")
-  plot(results, plot_path)
+  compare_report.plot(results, plot_path)
   print(f"\n{report['elapsed_s']:.0f} s; results: {json_path}, plot: {plot_path}")
   return report
 

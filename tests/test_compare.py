@@ -1,7 +1,8 @@
 """examples/compare.py is a procedure a reader trusts with a claim: its arms are the grid the issue
-names (every low-rank arm at the same fixed decay, polar as Orth-Dion with the polar factor), its
-paired statistics and steps-to-reach agree with hand computations, and a tiny end-to-end run writes
-a report whose numbers agree with each other."""
+names (every low-rank arm at the same fixed decay, polar as Orth-Dion with the polar factor, Ada
+as Orth-Dion with adaptive rank), its paired statistics and steps-to-reach agree with hand
+computations, and a tiny end-to-end run writes a report whose numbers agree with each other and
+with the shapes (the factor bytes of a step)."""
 
 import json
 import math
@@ -21,6 +22,13 @@ def test_default_is_the_beta_form_at_rank_one_quarter_with_the_baselines():
   assert args.seeds >= 3
 
 
+def test_ada_runs_only_when_named_in_both_forms():
+  assert "ada" not in compare.parse_args(["--full"]).arms
+  args = compare.parse_args(["--forms", "beta", "mu", "--arms", "orth_dion", "ada"])
+  assert [arm.name for arm in compare.arm_grid(args.arms, args.forms, args.ranks)] == [
+      "orth_dion mu r=1/4", "ada mu r=1/4", "orth_dion beta r=1/4", "ada beta r=1/4"]
+
+
 def test_full_grid_holds_every_optimizer_form_and_rank_once():
   args = compare.parse_args(["--full"])
   names = [arm.name for arm in compare.arm_grid(args.arms, args.forms, args.ranks)]
@@ -34,9 +42,11 @@ def test_full_grid_holds_every_optimizer_form_and_rank_once():
     (compare.Arm("dion", "beta", 2), dict(optimizer="dion", right_factor="qr")),
     (compare.Arm("orth_dion", "mu", 4), dict(optimizer="orth_dion", right_factor="qr")),
     (compare.Arm("polar", "beta", 8), dict(optimizer="orth_dion", right_factor="polar")),
+    (compare.Arm("ada", "mu", 4), dict(optimizer="orth_dion", right_factor="qr",
+                                       adaptive_rank=True, rank_interval=7)),
 ])
 def test_low_rank_arms_are_valid_runs_at_the_fixed_decay(arm, expected):
-  config = TrainConfig(**arm.settings())
+  config = TrainConfig(**arm.settings({"rank_interval": 7}))
   check_config(config)
   assert {k: getattr(config, k) for k in expected} == expected
   assert (config.error_feedback, config.decay) == (arm.form, compare.DECAY)
@@ -61,6 +71,12 @@ def test_paired_difference_matches_a_hand_computation():
   assert (result["t"], result["p"]) == (pytest.approx(t), pytest.approx(p))
   assert result["per_seed"] == pytest.approx([-0.1, -0.05, -0.15])
   assert result["seed_spread"] == pytest.approx((np.std(a, ddof=1) + np.std(b, ddof=1)) / 2)
+
+
+def test_identical_arms_differ_by_nothing_not_significantly():
+  # An arm that ran exactly as another (Ada whose ranks never changed is Orth-Dion) has p = 1.
+  result = compare.paired_difference(np.array([1.0, 1.2, 0.9]), np.array([1.0, 1.2, 0.9]))
+  assert (result["mean"], result["std"], result["t"], result["p"]) == (0, 0, 0, 1)
 
 
 @pytest.mark.parametrize("target, expected", [
@@ -89,25 +105,47 @@ def test_steps_ratio_reads_the_paired_seed_and_the_mean_curve():
   assert ratio["mean_curve"] == pytest.approx((10 + 10 * 0.4 / 0.45) / 20)
 
 
-def test_tiny_comparison_writes_a_consistent_report(tmp_path):
+def test_tiny_comparison_writes_a_consistent_report(tmp_path, capsys):
+  # Dion's rate from an earlier results file, the others swept; Ada decides its ranks every step.
+  (tmp_path / "earlier.json").write_text(json.dumps({"arms": [
+      {"arm": "dion beta r=1/4", "best_lr": 0.04}]}))
   report = compare.main([
-      "--steps", "3", "--d-model", "16", "--n-layers", "1", "--seq-len", "16", "--batch-size",
+      "--steps", "4", "--d-model", "16", "--n-layers", "1", "--seq-len", "16", "--batch-size",
       "4", "--max-bytes", "200000", "--eval-tokens", "64", "--eval-every", "1", "--grid-points",
-      "1", "--max-extensions", "0", "--seeds", "2", "--arms", "dion", "orth_dion", "--out",
-      str(tmp_path)])
+      "1", "--max-extensions", "0", "--seeds", "2", "--arms", "dion", "orth_dion", "ada",
+      "--rank-interval", "1", "--min-rank", "1", "--rank-multiple", "1",
+      "--lrs-from", str(tmp_path / "earlier.json"), "--out", str(tmp_path)])
   assert json.loads((tmp_path / "results.json").read_text()) == report
   assert (tmp_path / "compare.png").stat().st_size > 0
   assert report["settings"]["decay"] == compare.DECAY
-  dion, orth = report["arms"]
-  assert (dion["arm"], orth["arm"]) == ("dion beta r=1/4", "orth_dion beta r=1/4")
-  for arm in (dion, orth):
-    assert arm["seeds"] == [1, 2] and arm["lr_source"] == "sweep"
+  dion, orth, ada = report["arms"]
+  assert (dion["arm"], orth["arm"], ada["arm"]) == (
+      "dion beta r=1/4", "orth_dion beta r=1/4", "ada beta r=1/4")
+  assert [arm["lr_source"] for arm in (dion, orth, ada)] == ["fixed", "sweep", "sweep"]
+  for arm in (dion, orth, ada):
+    assert arm["seeds"] == [1, 2]
     assert arm["val_loss_mean"] == pytest.approx(np.mean(arm["val_losses"]))
     assert 0 < arm["alignment_min"] <= arm["alignment_mean"] <= 1 + 1e-5
+    assert arm["update_ms"] > 0
+  # Rank 4 of every matrix of the d = 16 block: q, k, v, o (16 x 16) and gate, up, down
+  # (16 x 48), each (m + n) r float32s of factors a step.
+  assert dion["factor_bytes"] == orth["factor_bytes"] == (4 * 32 + 3 * 64) * 4 * 4
+  assert orth["ranks_by_type"] == dict.fromkeys(
+      ["k_proj", "o_proj", "q_proj", "v_proj", "down", "gate", "up"], 4.0)
+  # Ada starts at rank 4, which is also its bound: it can only shrink, and with it its bytes.
+  assert ada["ranks_by_type"].keys() == orth["ranks_by_type"].keys()
+  assert all(1 <= rank <= 4 for rank in ada["ranks_by_type"].values())
+  assert ada["factor_bytes"] <= orth["factor_bytes"]
+  printed = capsys.readouterr().out
+  assert "no rate in" in printed and "orth_dion beta r=1/4, ada beta r=1/4: swept" in printed
+  assert "| ada beta r=1/4 |" in printed and "factor bytes / step" in printed
   # Orth-Dion's update is a partial isometry, Dion's column-normalized one is not.
   assert orth["nu_max"] == pytest.approx(1.0, abs=1e-3) and dion["nu_max"] >= 1.0
   (row,) = report["comparisons"]
   pair = row["orth_dion_minus_dion"]
   assert pair["per_seed"] == pytest.approx(np.subtract(orth["val_losses"], dion["val_losses"]))
+  assert row["ada_minus_orth_dion"]["per_seed"] == pytest.approx(
+      np.subtract(ada["val_losses"], orth["val_losses"]))
   assert len(report["curves"]["dion beta r=1/4"]["val_loss"]) == 2
   assert len(row["orth_dion_steps_to_dion"]["per_seed"]) == 2
+  assert len(row["ada_steps_to_orth_dion"]["per_seed"]) == 2

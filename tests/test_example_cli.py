@@ -86,6 +86,12 @@ INVALID = [
     (["--decay", "0.9", "--optimizer", "adamw"], "--decay needs"),
     (["--decay", "1"], "--decay 1 is not a mu"),
     (["--decay", "1.5"], "--decay"),
+    (["--adaptive-rank", "--optimizer", "muon"], "--adaptive-rank needs orth_dion or dion"),
+    # The rank controller's settings mean nothing without it.
+    (["--rank-interval", "10"], "--rank-interval needs --adaptive-rank"),
+    (["--min-rank", "4", "--optimizer", "dion"], "--min-rank needs --adaptive-rank"),
+    (["--adaptive-rank", "--rank-multiple", "0"], "--rank-multiple"),
+    (["--adaptive-rank", "--rank-interval", "-5"], "--rank-interval"),
     # Nothing to compress over one replica (and no mesh for the optimizer).
     (["--compressed-dp"], "--compressed-dp needs --mesh-data > 1"),
     (["--warmup-steps", "5"], "--warmup-steps 5 is more than --steps 4"),  # TINY has --steps 4

@@ -110,6 +110,36 @@ def test_a_run_on_a_mesh_compiles_each_step_once(tmp_path, flags, functions):
       compiles)
 
 
+def test_adaptive_rank_on_a_compressed_data_parallel_mesh_compiles_once_per_set_of_ranks(
+    tmp_path, capsys):
+  # A rank change gives the state new shapes: the train step compiles for them once, and the
+  # jitted steps rebuilt on the resized state return it on its own shardings (no second compile
+  # per set of ranks), through the checkpoints' averaging of the replicas' momenta too.
+  compiles = collections.Counter()
+
+  def count(event, duration, fun_name="", **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      compiles[fun_name] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    train_lib.main([
+        "--steps", "5", "--eval-every", "5", "--schedule", "constant", "--warmup-steps", "1",
+        "--mesh-data", "2", "--mesh-fsdp", "2", "--mesh-tensor", "2", "--compressed-dp",
+        "--checkpoint-every", "2", "--rank-fraction", "0.5", "--adaptive-rank",
+        "--rank-interval", "2", "--min-rank", "2", "--rank-multiple", "2", "--out", str(tmp_path),
+        *TINY])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rank_sets = {json.dumps(r["ranks"], sort_keys=True) for r in records if "ranks" in r}
+  assert len(rank_sets) > 1, "no rank changed"
+  assert compiles["jit(train_step)"] == len(rank_sets), compiles
+  assert np.isfinite(_losses(records, "loss")).all()
+  assert "ranks per matrix type (mean over layers), start -> end" in capsys.readouterr().out
+
+
 def test_batches_resume_from_their_position():
   data = np.arange(1000, dtype=np.uint8)
   stream = data_lib.Batches(data, batch_size=4, seq_len=8, seed=3)
