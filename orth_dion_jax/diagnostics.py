@@ -41,6 +41,8 @@ class MatrixDiagnostics(NamedTuple):
   nonfinite_count: Array    # steps skipped by the non-finite guard (a bad
                             # gradient, schedule, buffer or factor, an
                             # overflowing momentum, a repaired Q)
+  effective_rank: Array | None = None   # adaptive_rank: the smoothed
+                                        # estimate (0 before a step)
 
 
 def _array(x: Any) -> Array:
@@ -91,7 +93,7 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
     ``{path: MatrixDiagnostics}`` for every low-rank weight, each array with
     the weight's batch shape. Cheap under jit: r x r work per matrix.
   """
-  paths, qs, captured, aligned, skipped = [], [], [], [], []
+  paths, qs, captured, aligned, skipped, estimates = [], [], [], [], [], []
   for state in jax.tree.leaves(opt_state, is_leaf=_is_state):
     if not _is_state(state):
       continue
@@ -101,6 +103,8 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
     captured += [_array(c) for c in jax.tree.leaves(state.captured_fraction)]
     aligned += [_array(a) for a in jax.tree.leaves(state.alignment)]
     skipped += [_array(s) for s in jax.tree.leaves(state.nonfinite_count)]
+    estimates += ([None] * len(flat) if state.effective_rank is None else
+                  [_array(e) for e in jax.tree.leaves(state.effective_rank)])
   # A step that captured nothing had P = 0 or was skipped (zero buffer, the
   # guard, or no step yet): its update was 0, whatever the kept Q is.
   return {
@@ -108,9 +112,10 @@ def matrix_diagnostics(opt_state: Any) -> dict[str, MatrixDiagnostics]:
           nu=jnp.where(c > 0, nu, 0.0), rank=q.shape[-1],
           captured_fraction=c,
           alignment=jnp.where(c > 0, a / jnp.where(nu > 0, nu, 1.0), 0.0),
-          nonfinite_count=s)
-      for path, q, nu, c, a, s in zip(paths, qs, _spectral_norms(qs),
-                                      captured, aligned, skipped)}
+          nonfinite_count=s, effective_rank=e)
+      for path, q, nu, c, a, s, e in zip(paths, qs, _spectral_norms(qs),
+                                         captured, aligned, skipped,
+                                         estimates)}
 
 
 def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
@@ -121,8 +126,10 @@ def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
 
   Returns:
     ``nu_mean``, ``nu_max``, ``alignment_mean``, ``alignment_min``,
-    ``captured_fraction_mean`` and ``nonfinite_skips`` (total matrix-steps
-    skipped), as scalar arrays; an empty dict if the state has no low-rank
+    ``captured_fraction_mean``, ``nonfinite_skips`` (total matrix-steps
+    skipped) and ``rank_mean`` (the ranks held, over matrices), as scalar
+    arrays, and with ``adaptive_rank`` ``effective_rank_mean``; an empty
+    dict if the state has no low-rank
     matrices. Like nu, a matrix that did not step (no step yet, a zero
     buffer, a skipped step) counts 0 in the means; ``alignment_min`` is the
     least over the matrices that stepped (0 if none did).
@@ -145,7 +152,7 @@ def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
   stepped = sum(jnp.sum(d.captured_fraction > 0) for d in per_matrix.values())
   over = lambda reduce, field: [reduce(getattr(d, field))
                                 for d in per_matrix.values()]
-  return {
+  summary = {
       "nu_mean": sum(over(jnp.sum, "nu")) / matrices,
       "nu_max": functools.reduce(jnp.maximum, over(jnp.max, "nu")),
       "alignment_mean": sum(over(jnp.sum, "alignment")) / matrices,
@@ -157,4 +164,11 @@ def diagnostics_summary(opt_state: Any) -> dict[str, Array]:
       "captured_fraction_mean": sum(over(jnp.sum, "captured_fraction"))
                                 / matrices,
       "nonfinite_skips": sum(over(jnp.sum, "nonfinite_count")),
+      "rank_mean": jnp.asarray(sum(d.rank * d.nu.size
+                                   for d in per_matrix.values()) / matrices,
+                               jnp.float32),
   }
+  if all(d.effective_rank is not None for d in per_matrix.values()):
+    summary["effective_rank_mean"] = sum(over(jnp.sum, "effective_rank")
+                                         ) / matrices
+  return summary

@@ -444,3 +444,22 @@ def test_routing_summary_shows_the_ranks_held():
     od.routing_summary({**params, "other": jnp.ones((8, 8))}, resized,
                        weight_dimension_numbers={**DIMS, "other":
                                                  od.DionDimensionNumbers()})
+
+
+def test_diagnostics_report_the_ranks():
+  _, _, state, _ = _trained()
+  resized = od.resize_ranks(state, {"['tall']": 4})
+  summary = od.diagnostics_summary(resized)
+  # tall 4, wide 8, the two stacked matrices 8 each.
+  assert float(summary["rank_mean"]) == pytest.approx((4 + 8 + 16) / 4)
+  estimates = np.concatenate([np.ravel(e) for e in
+                              od.effective_ranks(resized).values()])
+  assert float(summary["effective_rank_mean"]) == pytest.approx(
+      float(np.mean(estimates)), rel=1e-6)
+  per_matrix = od.matrix_diagnostics(resized)
+  assert per_matrix["['tall']"].rank == 4
+  np.testing.assert_array_equal(per_matrix["['stack']"].effective_rank,
+                                _field(resized, "effective_rank")["stack"])
+  plain = od.orth_dion(0.01, rank=4)
+  state = plain.init({"w": jnp.ones((16, 8))})
+  assert "effective_rank_mean" not in od.diagnostics_summary(state)
