@@ -19,7 +19,10 @@ where the example's model (``examples.model``, at d = 64 and at d = 128) ran thr
 A training configuration is named ``OPTIMIZER-METHOD-FORM-PLACEMENT``:
 
 * OPTIMIZER: ``orth_dion`` (right factor "qr"), ``polar`` (``orth_dion`` with
-  ``right_factor="polar"``) or ``dion`` (right factor "column");
+  ``right_factor="polar"``), ``dion`` (right factor "column") or ``ada`` (Ada-Orth-Dion:
+  ``orth_dion`` with ``adaptive_rank=True``, its ``RankController`` deciding every
+  ``ADA_INTERVAL`` steps from rank ``ADA_RANK_FRACTION``; after a change the jitted step is built
+  again, its ``out_shardings`` from the resized state);
 * METHOD: the ``orthogonalize`` method, ``cholesky_qr``, ``householder`` or
   ``randomized_cholesky_qr``;
 * FORM: ``error_feedback="mu"`` (mu = ``MU``) or ``"beta"``, the paper's form
@@ -43,7 +46,9 @@ Stdout carries one JSON object a line, flushed as it happens:
 step and every ``LOG_EVERY`` steps; ``{"event": "done", "config": name, "first_loss": ...,
 "last_loss": ..., "finite": ..., ...}`` at its end (first and last loss: the means over the first
 and the last ``WINDOW`` steps; finite: every loss and every parameter is finite); or
-``{"event": "error", "config": name, "error": ...}`` if it raised. Configurations run one after the
+``{"event": "error", "config": name, "error": ...}`` if it raised. An ``ada`` configuration's
+"done" also carries ``rank_changes`` (the controller's changes) and the ``initial_ranks`` and
+``final_ranks`` per matrix type (mean over layers). Configurations run one after the
 other; an error in one does not stop the next.
 """
 
@@ -69,6 +74,7 @@ from flax import nnx  # pylint: disable=wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=wrong-import-position
 
 import orth_dion_jax  # pylint: disable=wrong-import-position
+from examples import adaptive_rank  # pylint: disable=wrong-import-position
 from examples import data as data_lib  # pylint: disable=wrong-import-position
 from examples import model as model_lib  # pylint: disable=wrong-import-position
 from examples.train import replicate_unplaced_state  # pylint: disable=wrong-import-position
@@ -88,7 +94,12 @@ MU = 0.95
 BETA = 0.9  # beta-form residual decay, as in the README's recipe
 SEED = 0
 
-RIGHT_FACTORS = {"orth_dion": "qr", "polar": "polar", "dion": "column"}
+# Adaptive rank: from rank 64 (of 128) the controller's library defaults (multiples of 8, at least
+# 8) have room to move within 40 steps.
+ADA_RANK_FRACTION = 0.5
+ADA_INTERVAL = 10
+
+RIGHT_FACTORS = {"orth_dion": "qr", "polar": "polar", "dion": "column", "ada": "qr"}
 METHODS = orth_dion_jax.ORTHOGONALIZE_METHODS
 FORMS = ("mu", "beta")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -205,7 +216,10 @@ def make_optimizer(optimizer: str, method: str, form: str, mesh, param_specs,
     factory = orth_dion_jax.dion
   else:
     factory = functools.partial(orth_dion_jax.orth_dion, right_factor=right_factor)
-  return factory(lr, rank_fraction=RANK_FRACTION, error_feedback=form, **chosen,
+  if optimizer == "ada":
+    factory = functools.partial(factory, adaptive_rank=True)
+  rank_fraction = ADA_RANK_FRACTION if optimizer == "ada" else RANK_FRACTION
+  return factory(lr, rank_fraction=rank_fraction, error_feedback=form, **chosen,
                  weight_decay=WEIGHT_DECAY, orthogonalize=method, seed=SEED,
                  adam_learning_rate=adam_lr, mesh=mesh, param_specs=param_specs,
                  data_axis=data_axis)
@@ -263,12 +277,18 @@ def train(name: str, corpus: np.ndarray) -> dict:
   replica_mesh = mesh if data_parallel else None
   batches = data_lib.Batches(corpus, BATCH_SIZE, MODEL.seq_len, seed=SEED)
   graphdef, state = nnx.split((model, opt))
-  # The state comes back sharded as it went in: left to the compiler, some leaves (norm scales,
-  # right factors) would come back with other specs and cost a second compilation at step 2.
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef, replica_mesh=replica_mesh),
-      out_shardings=(jax.tree.map(lambda x: x.sharding, state),
-                     NamedSharding(mesh, PartitionSpec())))
+
+  def jitted(state):
+    # The state comes back sharded as it went in: left to the compiler, some leaves (norm scales,
+    # right factors) would come back with other specs and cost a second compilation at step 2.
+    return jax.jit(functools.partial(train_step, graphdef, replica_mesh=replica_mesh),
+                   out_shardings=(jax.tree.map(lambda x: x.sharding, state),
+                                  NamedSharding(mesh, PartitionSpec())))
+
+  step_fn = jitted(state)
+  controller, initial_ranks = None, adaptive_rank.optimizer_ranks(opt)
+  if optimizer == "ada":
+    controller = orth_dion_jax.RankController(interval=ADA_INTERVAL, seed=SEED)
   start = time.perf_counter()
   compile_s = math.nan
   losses = []
@@ -276,6 +296,11 @@ def train(name: str, corpus: np.ndarray) -> dict:
     inputs, targets = jax.device_put(next(batches), sharding)
     state, loss = step_fn(state, inputs, targets)
     losses.append(loss)
+    if controller is not None and step < STEPS:
+      state, changed = adaptive_rank.follow(controller, step, graphdef, state)
+      if changed:  # new shapes: a step jitted for the resized state's shardings
+        step_fn = jitted(state)
+        emit("ranks", name, step=step, changed=len(changed))
     if step == 1 or step % LOG_EVERY == 0:
       value = float(loss)  # waits for the step
       elapsed = time.perf_counter() - start
@@ -285,10 +310,15 @@ def train(name: str, corpus: np.ndarray) -> dict:
   losses = np.asarray(jax.device_get(losses), dtype=np.float64)
   nnx.update((model, opt), state)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
+  ranks = {}
+  if controller is not None:
+    ranks = {"rank_changes": controller.changes,
+             "initial_ranks": adaptive_rank.by_matrix_type(initial_ranks),
+             "final_ranks": adaptive_rank.by_matrix_type(adaptive_rank.optimizer_ranks(opt))}
   return {"first_loss": float(losses[:WINDOW].mean()), "last_loss": float(losses[-WINDOW:].mean()),
           "finite": bool(np.isfinite(losses).all()) and all_finite(params), "steps": len(losses),
           "compile_s": round(compile_s, 2),
-          "train_s": round(time.perf_counter() - start - compile_s, 2)}
+          "train_s": round(time.perf_counter() - start - compile_s, 2), **ranks}
 
 
 def householder_four_layers(name: str) -> dict:

@@ -7,9 +7,13 @@ householder, randomized_cholesky_qr), error-feedback form (``error_feedback="mu"
 ``"beta"``) and placement (one device; a 2 x 2 fsdp x tensor mesh with sharded weights, the
 optimizer given ``mesh=`` and ``param_specs=``) trains a GPT-style byte-level LM (4 blocks,
 d_model 128, 2-D weights: ``end_to_end_worker.py``) on real text for 40 jitted steps, and so does
-compressed data parallelism over a "data" axis of 2 for each optimizer and form. Each
-configuration is its own test and must finish, keep every loss and parameter finite, and bring the
-mean loss of its last 5 steps at least ``LOSS_DROP`` nats below that of its first 5. A last test
+compressed data parallelism over a "data" axis of 2 for each optimizer and form. Adaptive rank
+(Ada-Orth-Dion, ``orth_dion(adaptive_rank=True)`` with its ``RankController`` deciding every 10
+steps, from rank 64 of 128) trains in both forms on one device and with compressed data
+parallelism, and must change some rank within the run: the state then has new shapes, and the
+jitted step is built again. Each configuration is its own test and must finish, keep every loss
+and parameter finite, and bring the mean loss of its last 5 steps at least ``LOSS_DROP`` nats
+below that of its first 5. A last test
 runs ``orth_dion(..., orthogonalize="householder")`` on four layers of (128 x 384, 128 x 128,
 128 x 512, 512 x 128) weights with random gradients for 10 jitted updates. And the first-use
 placement: a scanned MLP stack, kernels (layers, fan_in, fan_out) sharded over a 2 x 2 mesh with
@@ -24,7 +28,7 @@ calls (QR, Cholesky, triangular solve, eigh) that split their batch over the thr
 the program fill every pool thread, each waiting for pieces queued behind the others: the process
 then sits at 0% CPU forever. The watchdog kills the worker when it sees no progress and ~0% CPU
 for ``IDLE_WINDOW_S`` seconds, or no "done" within ``CONFIG_TIMEOUT_S`` of a configuration's
-"start"; the failure names the configuration, says it hung and at which step, and a fresh worker
+"start" (``ADAPTIVE_TIMEOUT_S`` for adaptive rank, which compiles its step again at each change); the failure names the configuration, says it hung and at which step, and a fresh worker
 takes the group's remaining configurations. ``PARALLEL_WORKERS`` groups run at once (XLA compiles
 on one core). Run with ``-s`` to see each configuration's timings.
 """
@@ -51,6 +55,8 @@ WORKER_COMMAND = [sys.executable, str(WORKER)]
 
 STARTUP_TIMEOUT_S = 120  # worker start (or a finished configuration) -> the next "start"
 CONFIG_TIMEOUT_S = 150  # a configuration's "start" -> its "done"
+# Adaptive rank: a compilation of the step for each of up to 3 rank changes (steps 10, 20, 30).
+ADAPTIVE_TIMEOUT_S = 400
 # A running configuration that used less than IDLE_CPU_S of CPU over IDLE_WINDOW_S seconds, with no
 # event in between, is deadlocked: a process that computes or compiles is never that idle, even
 # on a busy machine.
@@ -77,11 +83,20 @@ GROUPS = {
     **{f"{optimizer}-single": (1, _group(optimizer, "single")) for optimizer in OPTIMIZERS},
     "data-parallel": (4, [f"{optimizer}-cholesky_qr-{form}-dp" for optimizer in OPTIMIZERS
                           for form in FORMS]),
+    # Adaptive rank: the compressed data-parallel placement holds what a resize must keep (per
+    # replica momenta, factors split over fsdp); the single device, the plain step.
+    **{f"ada-{placement}": (devices, [f"ada-cholesky_qr-{form}-{placement}" for form in FORMS])
+       for placement, devices in (("dp", 4), ("single", 1))},
     "householder": (1, [HOUSEHOLDER]),
     "stacked": (4, [STACKED]),
 }
 GROUP_OF = {config: group for group, (_, configs) in GROUPS.items() for config in configs}
 TRAINING_CONFIGS = [config for config in GROUP_OF if config != HOUSEHOLDER]
+ADAPTIVE_CONFIGS = [config for config in GROUP_OF if config.startswith("ada-")]
+
+
+def _timeout(config: str) -> float:
+  return ADAPTIVE_TIMEOUT_S if config in ADAPTIVE_CONFIGS else CONFIG_TIMEOUT_S
 
 
 @dataclasses.dataclass
@@ -216,8 +231,8 @@ def _run_worker(configs: list[str], devices: int, log_dir: pathlib.Path,
       if current is not None and idle >= IDLE_WINDOW_S:
         why = (f"no progress and {meter.cpu_percent():.1f}% CPU for {idle:.0f} s (a deadlock), "
                f"{waited:.0f} s after its start; last: {last}")
-      elif current is not None and waited > CONFIG_TIMEOUT_S:
-        why = (f"not done {CONFIG_TIMEOUT_S} s after its start ({meter.cpu_percent():.1f}% CPU "
+      elif current is not None and waited > _timeout(current):
+        why = (f"not done {_timeout(current)} s after its start ({meter.cpu_percent():.1f}% CPU "
                f"over the last {idle:.0f} s); last: {last}")
       elif current is None and waited > STARTUP_TIMEOUT_S:
         why = f"the worker did not start it within {STARTUP_TIMEOUT_S} s"
@@ -316,6 +331,14 @@ def test_training_finishes_and_lowers_the_loss(runs, config):
   assert last < first - LOSS_DROP, (
       f"{config}: the loss fell from {first:.3f} to only {last:.3f} (means of the first and the "
       f"last 5 of {result['steps']} steps); expected a drop of at least {LOSS_DROP}")
+
+
+@pytest.mark.parametrize("config", ADAPTIVE_CONFIGS)
+def test_adaptive_rank_changes_ranks_within_the_run(runs, config):
+  result = _finished(runs, config)
+  print(f"{config}: {result['rank_changes']} rank changes, ranks per matrix type "
+        f"{result['initial_ranks']} -> {result['final_ranks']}")
+  assert result["rank_changes"] >= 1 and result["final_ranks"] != result["initial_ranks"], result
 
 
 @pytest.mark.parametrize("config", [HOUSEHOLDER])
