@@ -63,10 +63,10 @@ from typing import Sequence
 
 import numpy as np
 import optax
-from scipy import stats
 
 from examples import adaptive_rank
 from examples import compare_report
+from examples.compare_statistics import paired_difference, steps_ratio
 from examples import data as data_lib
 from examples import train as train_lib
 from examples import update_cost
@@ -256,49 +256,6 @@ def sweep(runner: Runner, arm: Arm, *, center: float, points: int, factor: float
   best = min(grid, key=lambda k: grid[k].val_loss)
   edge = "low" if best == min(grid) else "high" if best == max(grid) else None
   return [grid[k] for k in sorted(grid)], grid[best].lr, edge
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
-  """a - b paired by seed: the mean, the sample std of the differences, the t ratio
-  mean / (std / sqrt(n)) and its two-sided p-value (n - 1 degrees of freedom), and the
-  seed-to-seed spread of a single run (the two arms' sample stds, averaged) to set it against."""
-  d = np.asarray(a, float) - np.asarray(b, float)
-  n = d.size
-  std = float(d.std(ddof=1))
-  if std > 0:
-    t = float(d.mean() / (std / math.sqrt(n)))
-  else:  # every seed the same difference: none (identical runs) is no evidence either way
-    t = 0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean())
-  return {"mean": float(d.mean()), "std": std, "t": t, "p": float(2 * stats.t.sf(abs(t), n - 1)),
-          "n": n, "per_seed": d.tolist(),
-          "seed_spread": float((np.std(a, ddof=1) + np.std(b, ddof=1)) / 2)}
-
-
-def steps_to_reach(steps: np.ndarray, losses: np.ndarray, target: float) -> float | None:
-  """The first step at which the piecewise-linear validation curve is at or below `target`;
-  None if it never is."""
-  hits = np.flatnonzero(losses <= target)
-  if not hits.size:
-    return None
-  i = hits[0]
-  if i == 0:
-    return float(steps[0])
-  # Between the evaluation above the target and the first at or below it.
-  s0, s1, l0, l1 = steps[i - 1], steps[i], losses[i - 1], losses[i]
-  return float(s0 + (s1 - s0) * (l0 - target) / (l0 - l1))
-
-
-def steps_ratio(runs: Sequence[Run], targets: Sequence[Run]) -> dict:
-  """Steps `runs` take to reach the final loss of `targets` as a fraction of the latter's steps:
-  on the seed-mean curves, and per seed (None where never reached)."""
-  curves = [run.curve() for run in runs]
-  total = targets[0].curve()[0][-1]
-  mean_curve = np.mean([losses for _, losses in curves], axis=0)
-  target = float(np.mean([run.val_loss for run in targets]))
-  ratio = lambda steps: None if steps is None else steps / total
-  return {"mean_curve": ratio(steps_to_reach(curves[0][0], mean_curve, target)),
-          "per_seed": [ratio(steps_to_reach(steps, losses, run.val_loss))
-                       for (steps, losses), run in zip(curves, targets)]}
 
 
 def comparisons(results: dict[str, ArmResult]) -> list[dict]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from examples import compare
+from examples import compare_statistics
 from examples.config import TrainConfig, check_config
 
 
@@ -61,7 +62,7 @@ def test_too_few_seeds_and_two_sources_of_rates_are_refused(flags):
 
 def test_paired_difference_matches_a_hand_computation():
   a, b = np.array([1.0, 1.2, 0.9]), np.array([1.1, 1.25, 1.05])
-  result = compare.paired_difference(a, b)
+  result = compare_statistics.paired_difference(a, b)
   # d = (-0.10, -0.05, -0.15): mean -0.1, sample std 0.05.
   t = -0.1 / (0.05 / math.sqrt(3))
   # Student's t with 2 degrees of freedom has CDF 1/2 + t / (2 sqrt(2 + t^2)).
@@ -75,7 +76,8 @@ def test_paired_difference_matches_a_hand_computation():
 
 def test_identical_arms_differ_by_nothing_not_significantly():
   # An arm that ran exactly as another (Ada whose ranks never changed is Orth-Dion) has p = 1.
-  result = compare.paired_difference(np.array([1.0, 1.2, 0.9]), np.array([1.0, 1.2, 0.9]))
+  same = np.array([1.0, 1.2, 0.9])
+  result = compare_statistics.paired_difference(same, same.copy())
   assert (result["mean"], result["std"], result["t"], result["p"]) == (0, 0, 0, 1)
 
 
@@ -87,7 +89,7 @@ def test_identical_arms_differ_by_nothing_not_significantly():
 ])
 def test_steps_to_reach_interpolates_the_first_crossing(target, expected):
   steps, losses = np.array([0, 10, 20, 30]), np.array([3.0, 2.0, 1.0, 1.2])
-  assert compare.steps_to_reach(steps, losses, target) == expected
+  assert compare_statistics.steps_to_reach(steps, losses, target) == expected
 
 
 def _run(seed, losses):
@@ -98,7 +100,7 @@ def _run(seed, losses):
 def test_steps_ratio_reads_the_paired_seed_and_the_mean_curve():
   dion = [_run(1, [4.0, 3.0, 2.0]), _run(2, [4.0, 3.2, 2.2])]
   orth = [_run(1, [4.0, 2.0, 1.8]), _run(2, [4.0, 3.0, 2.3])]
-  ratio = compare.steps_ratio(orth, dion)
+  ratio = compare_statistics.steps_ratio(orth, dion)
   # Seed 1 reaches 2.0 at step 10 of 20; seed 2 never reaches 2.2; the mean curve
   # (4, 2.5, 2.05) crosses Dion's mean final loss 2.1 at step 10 + 10 * 0.4 / 0.45.
   assert ratio["per_seed"] == [0.5, None]
