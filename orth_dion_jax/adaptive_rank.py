@@ -120,6 +120,12 @@ def _resized(q: Array, energy: Array, key: Array, *, rank: int
   ``batch + (r, r)`` at the new rank."""
   batch, (k, r) = q.shape[:-2], q.shape[-2:]
   qs, gs = q.reshape(-1, k, r), energy.reshape(-1, r, r)
+  # A Gram that is not finite (a corrupt checkpoint) says nothing about the
+  # columns: rank them in order, so that a shrink keeps the first ones. (A
+  # non-finite Q itself is repaired by the next step's guard.)
+  in_order = jnp.diag(jnp.arange(r, 0, -1, dtype=jnp.float32))
+  gs = jnp.where(jnp.all(jnp.isfinite(gs), axis=(-2, -1))[:, None, None],
+                 gs, in_order)
   if rank < r:
     # eigh's eigenvalues ascend: the last columns are the strongest.
     values, vectors = per_matrix(jnp.linalg.eigh, gs)

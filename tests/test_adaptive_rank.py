@@ -463,3 +463,32 @@ def test_diagnostics_report_the_ranks():
   plain = od.orth_dion(0.01, rank=4)
   state = plain.init({"w": jnp.ones((16, 8))})
   assert "effective_rank_mean" not in od.diagnostics_summary(state)
+
+
+def _corrupt(state, field, name, value):
+  tree = dict(_field(state, field))
+  tree[name] = jnp.full_like(tree[name], value)
+  return optax.tree.set(state, **{field: tree})
+
+
+def test_a_corrupt_estimate_heals_at_the_next_step_and_is_never_acted_on():
+  tx, params, state, rng = _trained()
+  broken = _corrupt(state, "effective_rank", "tall", jnp.nan)
+  controller = od.RankController(interval=1, min_rank=2, multiple_of=2)
+  # NaN is no estimate: the policy keeps the rank.
+  assert controller.targets(broken)["['tall']"] == 8
+  _, after = _train(tx, params, _low_rank_gradients(rng, 1), broken)
+  healed = np.asarray(_field(after, "effective_rank")["tall"])
+  assert np.isfinite(healed) and 0 < healed <= 8
+
+
+def test_a_corrupt_energy_gram_resizes_to_the_first_columns_and_heals():
+  tx, params, state, rng = _trained()
+  broken = _corrupt(state, "right_energy", "tall", jnp.inf)
+  small = od.resize_ranks(broken, {"['tall']": 3})
+  np.testing.assert_array_equal(_field(small, "right_factor")["tall"],
+                                _field(state, "right_factor")["tall"][:, :3])
+  assert np.isfinite(np.asarray(_field(small, "right_energy")["tall"])).all()
+  params, after = _train(tx, params, _low_rank_gradients(rng, 1), broken)
+  assert np.isfinite(np.asarray(_field(after, "right_energy")["tall"])).all()
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -142,8 +142,17 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+# Faults that only AdamW's leaves or the shared schedules see: the low-rank
+# step's kind does not enter their path, so one optimizer covers them.
+ADAMW_ONLY = ("nan_in_adamw_moment", "nan_adamw_gradient",
+              "adamw_huge_gradient", "adam_learning_rate_schedule_nan",
+              "learning_rate_schedule_nan", "weight_decay_schedule_inf")
+CASES = [(fault, optimizer) for fault in sorted(FAULTS)
+         for optimizer in sorted(OPTIMIZERS)
+         if fault not in ADAMW_ONLY or optimizer == "orth_dion"]
+
+
+@pytest.mark.parametrize("fault,optimizer", CASES)
 def test_fault_never_reaches_params_or_state_and_training_recovers(
     optimizer, fault):
   kwargs, grad_fault, state_fault = FAULTS[fault]
