@@ -272,6 +272,14 @@ class RankController:
     self.history: list[tuple[int, dict[str, int]]] = []
     self._bounds: dict[str, tuple[int, int]] = {}
 
+  def resume(self, history: list[tuple[int, dict[str, int]]]) -> None:
+    """Continues a run that made the changes in ``history`` (from a
+    checkpoint). Bounds are not restored: they come from the ranks the
+    controller first sees, so call ``update(0, fresh_state)`` on the freshly
+    initialized state before resizing it to a checkpoint's ranks."""
+    self.history = [(int(step), dict(ranks)) for step, ranks in history]
+    self.changes = len(self.history)
+
   def _see(self, opt_state: Any) -> None:
     """Records each new matrix's bounds, from the rank it has now."""
     for s in _states(opt_state):
