@@ -492,3 +492,17 @@ def test_a_corrupt_energy_gram_resizes_to_the_first_columns_and_heals():
   params, after = _train(tx, params, _low_rank_gradients(rng, 1), broken)
   assert np.isfinite(np.asarray(_field(after, "right_energy")["tall"])).all()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_a_resumed_controller_keeps_the_run_record_and_fresh_bounds():
+  _, _, state, _ = _trained()
+  controller = od.RankController(interval=2, min_rank=2, multiple_of=2)
+  controller.update(0, state)          # bounds from the fresh ranks (8)
+  controller.resume([(4, {"['tall']": 4})])
+  assert controller.changes == 1 and controller.history == [
+      (4, {"['tall']": 4})]
+  resized = od.resize_ranks(state, {"['tall']": 4})
+  # The bound is still the initial rank 8, not the restored 4.
+  grown = od.resize_ranks(resized, {"['tall']": 2})
+  estimates = _corrupt(grown, "effective_rank", "tall", 100.0)
+  assert controller.targets(estimates)["['tall']"] == 8
