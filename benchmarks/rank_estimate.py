@@ -48,6 +48,12 @@ float64. The optimizer is built with ``rank_ema=0`` and
 the package's raw estimate at share 0.9: ``energy`` computed here must equal
 it up to float32 rounding (the consistency line; relative tolerance 1e-4).
 
+Each run's line says how far the step's ``R`` fell short of ``B``'s top
+``r`` (medians over its samples): ``c`` over the top-``r`` share of
+``||B||_F^2``, and ``s_r^2`` over ``B``'s ``r``-th squared singular value,
+the level ``energy`` prices its tail at. Both are 1 after a converged power
+iteration; Orth-Dion takes one, warm-started.
+
 Per form, rank fraction and share (0.5, 0.8, 0.9), over all matrices and
 sampled steps, each cell is ``mae / bias / spearman``: the mean absolute
 error against the true rank, the mean signed error (estimate - truth) and
@@ -56,15 +62,16 @@ right order could be corrected by a constant; the wrong order cannot).
 ``true`` is the truth's mean and ``c>=h`` the fraction of samples whose
 captured fraction reached the share (the others need a tail).
 
-    python -m benchmarks.rank_estimate                # about 9 minutes
+    python -m benchmarks.rank_estimate                # 6.5 to 8.5 minutes
     python -m benchmarks.rank_estimate --quick        # one tiny run, < 1 minute
     python -m benchmarks.rank_estimate --json runs/rank_estimate.json
 
 The default run (four runs of 200 steps, every 10th sampled: 420 samples
-each) took 8.5 minutes of wall time on the 2-core CPU machine of
-benchmarks/README.md while other jobs kept it busy (load average 5 to 9):
-each run spends about a minute compiling its train step and the rest
-training; the float64 SVDs take seconds.
+each) took 6.5 and 8.5 minutes of wall time, in two runs, on the 2-core CPU
+machine of benchmarks/README.md while other jobs kept it busy (load average
+4 to 9); ``--quick`` took 20 to 25 s. Each run spends up to a minute
+compiling its train step and the rest training; the float64 SVDs take
+seconds.
 """
 
 from __future__ import annotations
@@ -296,13 +303,30 @@ def consistency(samples: list[Sample]) -> dict[str, float]:
           "max_rel": float(np.max(difference / np.maximum(mine, 1.0)))}
 
 
+def shortfall(samples: list[Sample]) -> dict[str, float]:
+  """How far the step's ``R`` falls short of ``B``'s top ``r`` (medians over
+  the samples): its captured fraction over the top-``r`` share, and its
+  weakest squared singular value over ``B``'s ``r``-th. Both are 1 after a
+  converged power iteration; the second is what ``energy``'s tail is priced
+  at."""
+  r = samples[0].factor_energies.size
+  top = [s.buffer_energies[:r] for s in samples]
+  return {
+      "captured_of_top_r": float(np.median([
+          s.captured * s.buffer_energies.sum() / t.sum()
+          for s, t in zip(samples, top)])),
+      "weakest_of_rth": float(np.median([
+          s.factor_energies[-1] / t[-1] for s, t in zip(samples, top)])),
+  }
+
+
 def measure(model: ModelConfig, *, steps: int, every: int, batch_size: int,
             seq_len: int, max_bytes: int, runs) -> dict[str, list[dict]]:
   """Trains every (form, rank fraction) of ``runs``: ``estimates`` holds a
-  record per form, rank fraction, share and estimate, ``consistency`` one
-  per run."""
+  record per form, rank fraction, share and estimate, ``runs`` one per run
+  (its consistency and shortfall)."""
   train_bytes, _ = data_lib.load_corpus(None, max_bytes)
-  records, checks = [], []
+  records, per_run = [], []
   for form, rank_fraction in runs:
     start = time.perf_counter()
     config = TrainConfig(
@@ -312,14 +336,17 @@ def measure(model: ModelConfig, *, steps: int, every: int, batch_size: int,
         checkpoint_every=0)
     samples = run_samples(config, train_bytes, every)
     label = {"form": form, "rank_fraction": rank_fraction}
-    checks.append({**label, "samples": len(samples), **consistency(samples),
-                   "wall_s": time.perf_counter() - start})
+    run = {**label, "samples": len(samples), **consistency(samples),
+           **shortfall(samples), "wall_s": time.perf_counter() - start}
+    per_run.append(run)
     records += [{**label, **record} for share in SHARES
                 for record in summarize(samples, share)]
     print(f"{form}-form, rank {workload.fraction_label(rank_fraction)}: "
-          f"{len(samples)} samples in {checks[-1]['wall_s']:.0f} s",
+          f"{len(samples)} samples in {run['wall_s']:.0f} s; R holds "
+          f"{run['captured_of_top_r']:.1%} of B's top-r energy, its weakest "
+          f"direction {run['weakest_of_rth']:.1%} of B's r-th (medians)",
           flush=True)
-  return {"estimates": records, "consistency": checks}
+  return {"estimates": records, "runs": per_run}
 
 
 def table(records: list[dict]) -> str:
@@ -335,12 +362,12 @@ def table(records: list[dict]) -> str:
   return workload.format_table(columns, list(rows.values()))
 
 
-def consistency_line(checks: list[dict]) -> str:
+def consistency_line(runs: list[dict]) -> str:
   """The worst disagreement over all runs: the check holds only if every
   rebuilt buffer gave the estimate the optimizer itself took."""
-  worst_abs = max(c["max_abs"] for c in checks)
-  worst_rel = max(c["max_rel"] for c in checks)
-  samples = sum(c["samples"] for c in checks)
+  worst_abs = max(run["max_abs"] for run in runs)
+  worst_rel = max(run["max_rel"] for run in runs)
+  samples = sum(run["samples"] for run in runs)
   verdict = "holds" if worst_rel <= CONSISTENCY_RTOL else "FAILS"
   return (f"consistency: energy at share {CHECKED_SHARE} here against the "
           f"state's effective_rank (rank_ema=0), {samples} samples: max "
@@ -355,7 +382,7 @@ def main(argv=None) -> None:
   parser.add_argument("--every", type=int, default=10,
                       help="steps between samples (from step 1)")
   parser.add_argument("--json", type=pathlib.Path, default=None,
-                      help="write the records and the consistency here")
+                      help="write the records and the runs here")
   parser.add_argument("--quick", action="store_true",
                       help="the tiny model, 12 steps, one run: the "
                            "beta-form at rank 1/4")
@@ -374,7 +401,7 @@ def main(argv=None) -> None:
   print(f"{args.steps} steps a run, sampled every {args.every}; cells: "
         "mae / bias (estimate - truth) / spearman")
   print(table(result["estimates"]))
-  print(consistency_line(result["consistency"]))
+  print(consistency_line(result["runs"]))
   print(f"wall time: {time.perf_counter() - start:.0f} s")
   workload.write_json(args.json, result)
 

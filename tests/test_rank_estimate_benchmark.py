@@ -98,7 +98,10 @@ def test_quick_run_reports_every_estimate_at_every_share(quick_run):
 
 def test_quick_run_rebuilds_the_buffers_the_optimizer_used(quick_run):
   printed, report = quick_run
-  [check] = report["consistency"]
-  assert check["samples"] > 0
-  assert check["max_rel"] <= rank_estimate.CONSISTENCY_RTOL
+  [run] = report["runs"]
+  assert run["samples"] > 0
+  assert run["max_rel"] <= rank_estimate.CONSISTENCY_RTOL
   assert "holds" in printed and "FAILS" not in printed
+  # R = B^T P holds at most B's top-r energy, direction by direction.
+  assert 0 < run["captured_of_top_r"] <= 1 + 1e-9
+  assert 0 < run["weakest_of_rth"] <= 1 + 1e-9
