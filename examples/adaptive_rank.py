@@ -13,7 +13,8 @@ changes the shapes of the state, which the rest of the example has to follow:
 * the controller's bounds are each matrix's initial rank (what --rank-fraction gives) and
   --min-rank. `start_controller` takes them from the freshly built state: a resumed run calls it
   before the restore resizes that state, so its bounds are those of the run it continues, not the
-  ranks the checkpoint happened to hold. Its history comes back from the checkpoint.
+  ranks the checkpoint happened to hold. Its history comes back from the checkpoint
+  (`RankController.resume`, run_directory.py).
 
 The library's functions (`current_ranks`, `resize_ranks`, `RankController.update`) take a pure
 pytree of the optax state: here that is `nnx.as_pure(optimizer.opt_state)`, written back with
@@ -63,14 +64,6 @@ def start_controller(config: TrainConfig, optimizer: nnx.Optimizer
   # update() records the bounds of each matrix it has not seen, and decides nothing at step 0.
   controller.update(0, nnx.as_pure(optimizer.opt_state))
   return controller
-
-
-def restore_history(controller: orth_dion_jax.RankController,
-                    history: list[tuple[int, dict[str, int]]]) -> None:
-  """Gives `controller` the history a checkpoint recorded: the run it continues made those
-  changes (each one counted in `controller.changes`)."""
-  controller.history = list(history)
-  controller.changes = len(history)
 
 
 def follow(controller: orth_dion_jax.RankController, step: int, graphdef: nnx.GraphDef,

@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 import orth_dion_jax
-from examples import adaptive_rank
 from examples.checkpointing import (Checkpointer, committed_steps, is_step_directory,
                                     not_written_by_orbax)
 from examples.config import TrainConfig, run_flags
@@ -86,7 +85,7 @@ def open_checkpoints(config: TrainConfig, model: Transformer, optimizer: nnx.Opt
   if progress is None:
     return checkpointer, 0
   if controller is not None:
-    adaptive_rank.restore_history(controller, progress.rank_history)
+    controller.resume(progress.rank_history)
   return checkpointer, progress.position
 
 
