@@ -67,7 +67,7 @@ captured fraction reached the share (the others need a tail).
     python -m benchmarks.rank_estimate --json runs/rank_estimate.json
 
 The default run (four runs of 200 steps, every 10th sampled: 420 samples
-each) took 6.5 and 8.5 minutes of wall time, in two runs, on the 2-core CPU
+each) took 6.5 to 8.5 minutes of wall time, three times, on the 2-core CPU
 machine of benchmarks/README.md while other jobs kept it busy (load average
 4 to 9); ``--quick`` took 20 to 25 s. Each run spends up to a minute
 compiling its train step and the rest training; the float64 SVDs take
