@@ -337,8 +337,13 @@ def energy_rank(eigenvalues: Array, captured: Array, share: float,
   (so that the estimate moves smoothly). When the r directions hold less
   than ``share``, the missing energy is assumed to continue at the level of
   the weakest one: ``r + (share - captured) / (captured p_r)``, capped at
-  ``small`` (an overestimate when the tail decays, which is what lets a
-  rank grow). 0 where nothing was captured (no estimate).
+  ``small``: what lets a rank grow. With the exact top r singular values of
+  ``B`` this would underestimate a decaying tail; one warm-started power
+  iteration converges slowest on its weakest direction (it holds 74% of
+  ``B``'s r-th squared singular value in the mu-form, about half in the
+  beta-form, on the example's transformer), so the estimate reads high, by
+  1.5-2 directions at rank 1/4 in the mu-form and about 11 in the beta-form
+  (``benchmarks/rank_estimate.py``). 0 where nothing was captured.
   """
   s = jnp.maximum(eigenvalues[:, ::-1], 0.0)           # descending
   total = jnp.sum(s, axis=-1, keepdims=True)
