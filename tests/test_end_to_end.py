@@ -29,7 +29,8 @@ calls (QR, Cholesky, triangular solve, eigh) that split their batch over the thr
 the program fill every pool thread, each waiting for pieces queued behind the others: the process
 then sits at 0% CPU forever. The watchdog kills the worker when it sees no progress and ~0% CPU
 for ``IDLE_WINDOW_S`` seconds, or no "done" within ``CONFIG_TIMEOUT_S`` of a configuration's
-"start" (``ADAPTIVE_TIMEOUT_S`` for adaptive rank, which compiles its step again at each change); the failure names the configuration, says it hung and at which step, and a fresh worker
+"start" (``ADAPTIVE_TIMEOUT_S`` for adaptive rank, which compiles its step again at each
+change); the failure names the configuration, says it hung and at which step, and a fresh worker
 takes the group's remaining configurations. ``PARALLEL_WORKERS`` groups run at once (XLA compiles
 on one core). Run with ``-s`` to see each configuration's timings.
 """
