@@ -46,9 +46,9 @@ validation loss as a fraction of Dion's (the paper's 0.88x), read off the valida
 Ada - Orth-Dion with Ada's steps to Orth-Dion's final loss. For every low-rank arm, the ranks it
 ends at per matrix type (Ada's, mean over layers and seeds), and the cost of its optimizer update
 at those ranks: the wall time of the jitted update, and the bytes compressed data parallelism would
-average per step (examples/update_cost.py). Nothing is tuned per optimizer beyond step 1. The initial right factor Q0 of the low-rank arms is
-drawn from seed 0 in every run, so that the seeds of an arm's learning rate share one optimizer,
-and with it one compiled train step.
+average per step (examples/update_cost.py). Nothing is tuned per optimizer beyond step 1. The
+initial right factor Q0 of the low-rank arms is drawn from seed 0 in every run, so that the seeds
+of an arm's learning rate share one optimizer, and with it one compiled train step.
 """
 
 from __future__ import annotations
