@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import zlib
 from typing import Any, Mapping
 
@@ -49,9 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from orth_dion_jax import nnx_interop
 from orth_dion_jax import orthogonalize
 from orth_dion_jax import settings
+from orth_dion_jax import validation
 from orth_dion_jax.lapack_calls import per_matrix
+from orth_dion_jax.scaling import unit_scaled
 from orth_dion_jax.settings import RankPolicy
 from orth_dion_jax.transform import LowRankState, OrthDionState
 
@@ -63,8 +67,9 @@ def _is_state(x: Any) -> bool:
 
 
 def _states(opt_state: Any) -> list[OrthDionState | LowRankState]:
-  return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_state)
-          if _is_state(s)]
+  # NNX Variables unwrapped, so that paths read as the parameters' do.
+  return [s for s in jax.tree.leaves(nnx_interop.unboxed(opt_state),
+                                     is_leaf=_is_state) if _is_state(s)]
 
 
 def _adaptive_states(opt_state: Any) -> list[OrthDionState | LowRankState]:
@@ -127,11 +132,14 @@ def _resized(q: Array, energy: Array, key: Array, *, rank: int
   gs = jnp.where(jnp.all(jnp.isfinite(gs), axis=(-2, -1))[:, None, None],
                  gs, in_order)
   if rank < r:
-    # eigh's eigenvalues ascend: the last columns are the strongest.
-    values, vectors = per_matrix(jnp.linalg.eigh, gs)
+    # Only the eigenvectors matter: scaled exactly by a power of two to
+    # largest entry about 1, a finite Gram near the top of the range cannot
+    # overflow inside eigh (nor a reciprocal flush to zero).
+    largest = jnp.max(jnp.abs(gs), axis=(-2, -1), keepdims=True)
+    values, vectors = per_matrix(jnp.linalg.eigh, unit_scaled(gs, largest))
     top = vectors[..., ::-1][..., :rank]
     new_q = jnp.einsum("nkr,nrs->nks", qs, top)
-    new_g = jax.vmap(jnp.diag)(values[..., ::-1][..., :rank])
+    new_g = jnp.einsum("nrs,nrt,ntu->nsu", top, gs, top)
   else:
     # An orthonormal basis of [Q, Z]: its last r' - r columns are orthogonal
     # to span(Q) (Q has full column rank after any step) and to each other.
@@ -182,7 +190,15 @@ def resize_ranks(opt_state: Any, ranks: Mapping[str, int], *, seed: int = 0
   Raises:
     ValueError: naming the path, for an unknown path or a rank outside
       ``[1, k]`` (``k`` the matrix's smaller side).
+
+  NNX ``Variable`` boxes are unwrapped: for an ``nnx.Optimizer``, write the
+  result back with ``nnx.update(optimizer.opt_state, nnx.state(result))``.
   """
+  if not isinstance(ranks, Mapping):
+    raise TypeError("resize_ranks: ranks must be a mapping {path: rank}, "
+                    f"got {type(ranks).__name__}.")
+  validation.check_seed(seed)
+  opt_state = nnx_interop.unboxed(opt_state)
   states = _adaptive_states(opt_state)
   known = {p for s in states for p in _by_path(s.right_factor)}
   for path, rank in ranks.items():
@@ -234,7 +250,7 @@ def target_rank(estimate: float, current: int, *, lowest: int, highest: int,
   keeps it. Clipped to ``[lowest, highest]``. An estimate of 0 (no step
   yet) keeps the rank.
   """
-  if not estimate > 0:
+  if not (math.isfinite(estimate) and estimate > 0):
     return current
   step = policy.multiple_of
   if estimate > current:
@@ -262,15 +278,20 @@ class RankController:
     changes: how many decisions changed some rank; the recompiles they
       cause are at most this many (fewer when a set of ranks recurs).
     history: ``(step, {path: new rank})`` of each change.
+    fixed: the paths that started below ``min_rank`` with no ``max_rank``
+      above it: they keep their rank (a warning says so when all do).
   """
 
   def __init__(self, *, seed: int = 0, **policy):
     self.policy: RankPolicy = settings.parse(RankController,
                                              policy)[RankPolicy]
+    validation.check_seed(seed)
     self.seed = seed
     self.changes = 0
     self.history: list[tuple[int, dict[str, int]]] = []
+    self.fixed: list[str] = []
     self._bounds: dict[str, tuple[int, int]] = {}
+    self._warned = False
 
   def resume(self, history: list[tuple[int, dict[str, int]]]) -> None:
     """Continues a run that made the changes in ``history`` (from a
@@ -286,9 +307,22 @@ class RankController:
       for path, q in _by_path(s.right_factor).items():
         if path not in self._bounds:
           k, rank = jnp.shape(q)[-2:]
-          highest = self.policy.max_rank or rank
-          self._bounds[path] = (min(self.policy.min_rank, k),
-                                min(highest, k))
+          lowest = min(self.policy.min_rank, k)
+          highest = min(self.policy.max_rank or rank, k)
+          if lowest > highest:
+            # Below min_rank from the start, with no room to grow: it keeps
+            # its rank (a small matrix in a model of large ones).
+            self.fixed.append(path)
+            lowest = highest
+          self._bounds[path] = (lowest, highest)
+    if self._bounds and len(self.fixed) == len(self._bounds) and not (
+        self._warned):
+      self._warned = True
+      warnings.warn(
+          "RankController: every matrix starts below min_rank="
+          f"{self.policy.min_rank} with max_rank="
+          f"{self.policy.max_rank}: no rank can change. Lower min_rank or "
+          "raise max_rank.", stacklevel=3)
 
   def targets(self, opt_state: Any) -> dict[str, int]:
     """The rank the policy gives each matrix now (changed or not)."""
@@ -305,6 +339,7 @@ class RankController:
   def update(self, step: int, opt_state: Any) -> Any:
     """``opt_state``, resized when ``step`` is a decision step and some
     rank changes (otherwise the same object)."""
+    _adaptive_states(opt_state)   # refuses a state without adaptive rank
     self._see(opt_state)
     if step <= 0 or step % self.policy.interval:
       return opt_state

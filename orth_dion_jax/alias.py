@@ -194,12 +194,21 @@ def routing_summary(params: Any, opt_state: Any = None, **kwargs
   view = given[LowRankCompressor].view
   if opt_state is not None:
     held = adaptive_rank.current_ranks(nnx_interop.unboxed(opt_state))
+    routed = set()
 
     def view(path, shape, dims, compressor=given[LowRankCompressor]):
+      routed.add(path)
       if path not in held:
         raise ValueError(f"routing_summary: {path} is routed to the low-rank "
                          "step, but opt_state holds no right factor for it "
                          "(is it the state of this optimizer?).")
       return compressor.view(path, shape, dims, rank=held[path])
-  return routing.summarize(params, labels, view,
-                           axes.weight_dimension_numbers, axes.layer_axes)
+  summary = routing.summarize(params, labels, view,
+                              axes.weight_dimension_numbers, axes.layer_axes)
+  if opt_state is not None and set(held) - routed:
+    raise ValueError(
+        "routing_summary: opt_state holds right factors for "
+        f"{sorted(set(held) - routed)}, which these settings route to "
+        "AdamW: pass the settings the optimizer was built with (e.g. "
+        "layer_axes, weight_dimension_numbers).")
+  return summary

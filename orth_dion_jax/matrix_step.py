@@ -226,14 +226,17 @@ def _finish(
   effective_rank = right_energy = None
   if adaptive is not None:
     previous_rank, previous_energy = adaptive
+    share, ema = compressor.rank_estimate
     estimate = low_rank.energy_rank(
-        spectrum.eigenvalues, captured, compressor.rank_energy,
+        spectrum.eigenvalues, captured, share,
         view.small * collectives.small.size())
-    ema = compressor.rank_ema
+    # A previous value that is 0 (no step yet) or not a finite positive
+    # number (a corrupt checkpoint) is replaced, not averaged with.
+    usable = jnp.isfinite(previous_rank) & (previous_rank > 0)
     effective_rank = jnp.where(
         estimate > 0,
-        jnp.where(previous_rank > 0,
-                  ema * previous_rank + (1 - ema) * estimate, estimate),
+        jnp.where(usable, ema * previous_rank + (1 - ema) * estimate,
+                  estimate),
         previous_rank)
     right_energy = jnp.where(step, spectrum.right_energy, previous_energy)
   return MatrixStep(

@@ -55,6 +55,12 @@ def _setting(default: Any, doc: str, *, static: bool = False) -> Any:
                            metadata={"doc": doc, "static": static})
 
 
+# Adaptive rank's estimate when not given: the share of the buffer's energy
+# that defines the effective rank, and the decay of its moving average.
+_DEFAULT_RANK_ENERGY = 0.9
+_DEFAULT_RANK_EMA = 0.9
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LowRankCompressor:
   """The low-rank orthonormalized step's static configuration."""
@@ -91,12 +97,13 @@ class LowRankCompressor:
       "the step takes the rank its right factor holds; "
       "orth_dion_jax.RankController changes the ranks between steps "
       "(docs/design.md, \"Adaptive rank\").", static=True)
-  rank_energy: float = _setting(
-      0.9, "adaptive rank: a matrix's effective rank is the smallest k whose "
-      "top k directions hold this share of B's energy.", static=True)
-  rank_ema: float = _setting(
-      0.9, "adaptive rank: decay of the effective rank's moving average.",
-      static=True)
+  rank_energy: float | None = _setting(
+      None, "adaptive rank: a matrix's effective rank is the smallest k whose "
+      f"top k directions hold this share of B's energy. None: "
+      f"{_DEFAULT_RANK_ENERGY}.", static=True)
+  rank_ema: float | None = _setting(
+      None, "adaptive rank: decay of the effective rank's moving average. "
+      f"None: {_DEFAULT_RANK_EMA}.", static=True)
 
   def __post_init__(self):
     validation.check_rank_arguments(self.rank, self.rank_fraction,
@@ -110,10 +117,23 @@ class LowRankCompressor:
     validation.check_scale(self.scale)
     validation.check_nonnegative("eps", self.eps)
     validation.check_static_bool("adaptive_rank", self.adaptive_rank)
-    validation.check_static_fraction("rank_energy", self.rank_energy,
-                                     closed_left=False, closed_right=True)
-    validation.check_static_fraction("rank_ema", self.rank_ema,
-                                     closed_left=True, closed_right=False)
+    for name in ("rank_energy", "rank_ema"):
+      if getattr(self, name) is not None and not self.adaptive_rank:
+        raise ValueError(f"{name} applies to adaptive_rank=True; pass "
+                         "adaptive_rank=True or leave it out.")
+    if self.rank_energy is not None:
+      validation.check_static_fraction("rank_energy", self.rank_energy,
+                                       closed_left=False, closed_right=True)
+    if self.rank_ema is not None:
+      validation.check_static_fraction("rank_ema", self.rank_ema,
+                                       closed_left=True, closed_right=False)
+
+  @property
+  def rank_estimate(self) -> tuple[float, float]:
+    """``(rank_energy, rank_ema)`` of adaptive rank, defaults filled in."""
+    return (_DEFAULT_RANK_ENERGY if self.rank_energy is None
+            else self.rank_energy,
+            _DEFAULT_RANK_EMA if self.rank_ema is None else self.rank_ema)
 
   @property
   def step_config(self) -> low_rank.LowRankConfig:
@@ -295,6 +315,7 @@ class RankPolicy:
                          f"({self.min_rank}).")
     validation.check_positive_int("multiple_of", self.multiple_of)
     validation.check_positive_int("interval", self.interval)
+    validation.check_static_real("hysteresis", self.hysteresis)
     validation.check_nonnegative("hysteresis", self.hysteresis)
 
 

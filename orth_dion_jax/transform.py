@@ -188,10 +188,16 @@ def low_rank_transformation(
     tree_views.check_gradient_shapes(
         updates, None if feedback is None else state.momentum,
         nnx_interop.unboxed(params), num_replicas)
+    if compressor.adaptive_rank and state.right_energy is None:
+      raise ValueError(
+          "This optimizer has adaptive_rank=True, but the state was built "
+          "without it: start from this optimizer's init.")
     mats = as_matrices(updates, per_replica=True,
                        right_factors=state.right_factor)
-    tree_views.check_right_factors(updates, mats.leaves, mats.views,
-                                   state.right_factor, state.right_energy)
+    tree_views.check_right_factors(
+        updates, mats.leaves, mats.views, state.right_factor,
+        state.right_energy if compressor.adaptive_rank else None,
+        state.effective_rank if compressor.adaptive_rank else None)
     flat = mats.treedef.flatten_up_to
     count = state.count
     adaptive = compressor.adaptive_rank

@@ -175,7 +175,8 @@ def check_gradient_shapes(updates: Any, momentum: Any, params: Any,
 
 
 def check_right_factors(updates: Any, paths, views, right_factors: Any,
-                        right_energies: Any = None) -> None:
+                        right_energies: Any = None,
+                        effective_ranks: Any = None) -> None:
   """The right factors held are those these gradients' shapes imply, and an
   adaptive state's energy Grams match their ranks.
 
@@ -185,15 +186,26 @@ def check_right_factors(updates: Any, paths, views, right_factors: Any,
   held = flatten_like(updates, right_factors, "the optimizer state")
   energies = ([None] * len(held) if right_energies is None else
               flatten_like(updates, right_energies, "the optimizer state"))
-  for (path, _), view, q, g in zip(paths, views, held, energies):
+  estimates = ([None] * len(held) if effective_ranks is None else
+               flatten_like(updates, effective_ranks, "the optimizer state"))
+  for (path, _), view, q, g, e in zip(paths, views, held, energies,
+                                      estimates):
     if jnp.shape(q) != view.right_factor_shape:
       raise ValueError(
           f"{path}: the gradient's shape implies a right factor of shape "
           f"{view.right_factor_shape}, but the optimizer state holds one of "
-          f"shape {jnp.shape(q)}: init was given a weight of another shape.")
+          f"shape {jnp.shape(q)}: init was given a weight of another shape"
+          + ("" if right_energies is not None else ", or the state's rank "
+             "was resized (resize_ranks) and this optimizer does not have "
+             "adaptive_rank=True") + ".")
+    if e is not None and jnp.shape(e) != view.batch_shape:
+      raise ValueError(
+          f"{path}: the optimizer state's effective rank has shape "
+          f"{jnp.shape(e)}, not the weight's batch shape {view.batch_shape}.")
     expected = view.batch_shape + (view.rank, view.rank)
     if g is not None and jnp.shape(g) != expected:
       raise ValueError(
           f"{path}: the right factor has rank {view.rank}, but its energy "
           f"Gram in the optimizer state has shape {jnp.shape(g)}, not "
-          f"{expected}: resize ranks with orth_dion_jax.resize_ranks.")
+          f"{expected}: resize a rank with orth_dion_jax.resize_ranks, which "
+          "changes both.")

@@ -63,6 +63,13 @@ def check_static_fraction(name: str, value: Any, *, closed_left: bool,
     raise ValueError(f"{name} must be in {interval}, got {value}.")
 
 
+def check_static_real(name: str, value: Any) -> None:
+  """A Python (or NumPy) real number, not a schedule or an array."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a Python float, got "
+                    f"{type(value).__name__} {value!r}.")
+
+
 def check_seed(seed: Any) -> None:
   check_static_int("seed", seed)
   # jax.random.key keeps 32 bits: 2**32 would silently be seed 0.

@@ -383,6 +383,9 @@ def test_compressed_traffic_shrinks_with_the_rank():
     (dict(adaptive_rank=True, rank_ema=1.0), ValueError, "rank_ema"),
     (dict(adaptive_rank=True, rank_ema="0.5"), TypeError,
      "rank_ema"),
+    (dict(rank_energy=0.5), ValueError, "rank_energy applies to "
+     "adaptive_rank=True"),
+    (dict(rank_ema=0.5), ValueError, "rank_ema applies to"),
 ])
 def test_bad_settings_name_the_argument(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -395,6 +398,9 @@ def test_bad_settings_name_the_argument(kwargs, error, match):
     (dict(multiple_of=0), ValueError, "multiple_of"),
     (dict(hysteresis=-1.0), ValueError, "hysteresis"),
     (dict(interval=2.5), TypeError, "interval"),
+    (dict(hysteresis=lambda c: 1.0), TypeError, "hysteresis"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=2**32), ValueError, "seed"),
 ])
 def test_bad_controller_settings_name_the_argument(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -411,6 +417,15 @@ def test_bad_resizes_name_the_path():
     od.resize_ranks(state, {"['wide']": 0})
   with pytest.raises(TypeError, match=r"\['wide'\] must be an int"):
     od.resize_ranks(state, {"['wide']": 4.0})
+  with pytest.raises(TypeError, match="mapping"):
+    od.resize_ranks(state, [("['wide']", 4)])
+  with pytest.raises(TypeError, match="seed"):
+    od.resize_ranks(state, {"['wide']": 4}, seed="x")
+  # Every matrix starts at 8, below min_rank 12: nothing can change.
+  controller = od.RankController(min_rank=12)
+  with pytest.warns(UserWarning, match="min_rank=12.*no rank can change"):
+    controller.update(1, state)
+  assert sorted(controller.fixed) == sorted(od.current_ranks(state))
 
 
 def test_a_state_without_adaptive_rank_is_refused():
@@ -471,9 +486,11 @@ def _corrupt(state, field, name, value):
   return optax.tree.set(state, **{field: tree})
 
 
-def test_a_corrupt_estimate_heals_at_the_next_step_and_is_never_acted_on():
+@pytest.mark.parametrize("value", [jnp.nan, jnp.inf, -jnp.inf])
+def test_a_corrupt_estimate_heals_at_the_next_step_and_is_never_acted_on(
+    value):
   tx, params, state, rng = _trained()
-  broken = _corrupt(state, "effective_rank", "tall", jnp.nan)
+  broken = _corrupt(state, "effective_rank", "tall", value)
   controller = od.RankController(interval=1, min_rank=2, multiple_of=2)
   # NaN is no estimate: the policy keeps the rank.
   assert controller.targets(broken)["['tall']"] == 8
@@ -506,3 +523,73 @@ def test_a_resumed_controller_keeps_the_run_record_and_fresh_bounds():
   grown = od.resize_ranks(resized, {"['tall']": 2})
   estimates = _corrupt(grown, "effective_rank", "tall", 100.0)
   assert controller.targets(estimates)["['tall']"] == 8
+
+
+def test_a_huge_energy_gram_resizes_to_finite_factors():
+  _, _, state, _ = _trained()
+  g = dict(_field(state, "right_energy"))
+  g["tall"] = g["tall"] * 3e38
+  huge = optax.tree.set(state, right_energy=g)
+  small = od.resize_ranks(huge, {"['tall']": 3})
+  reference_small = od.resize_ranks(state, {"['tall']": 3})
+  q, expected = (np.asarray(_field(s, "right_factor")["tall"], np.float64)
+                 for s in (small, reference_small))
+  np.testing.assert_allclose(q @ q.T, expected @ expected.T, atol=1e-5)
+  assert np.isfinite(np.asarray(_field(small, "right_energy")["tall"])).all()
+
+
+def test_a_state_from_another_configuration_is_refused_with_the_reason():
+  _, params, state, rng = _trained()
+  grads = _low_rank_gradients(rng, 1)[0]
+  plain = optax.chain(
+      od.scale_by_orth_dion(rank=8, mu=0.9, weight_dimension_numbers=DIMS),
+      optax.scale_by_learning_rate(0.05))
+  with pytest.raises(ValueError, match="built without it"):
+    _optimizer().update(grads, plain.init(params), params)
+  resized = od.resize_ranks(state, {"['tall']": 4})
+  with pytest.raises(ValueError, match=r"\['tall'\].*resize_ranks.*"
+                     "adaptive_rank=True"):
+    plain.update(grads, resized, params)
+  wrong = dict(_field(state, "effective_rank"))
+  wrong["tall"], wrong["wide"] = wrong["stack"], wrong["tall"]
+  with pytest.raises(ValueError, match=r"effective rank has shape"):
+    _optimizer().update(grads, optax.tree.set(state, effective_rank=wrong),
+                        params)
+
+
+def test_routing_summary_refuses_settings_that_route_a_held_matrix_away():
+  _, params, state, _ = _trained()
+  with pytest.raises(ValueError, match=r"\['stack'\].*AdamW"):
+    od.routing_summary(params, state, weight_dimension_numbers={
+        **DIMS, "stack": None})
+
+
+def test_an_nnx_optimizer_is_resized_by_parameter_path():
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(16, 48, rngs=rngs)
+      self.down = nnx.Linear(48, 16, rngs=rngs)
+
+    def __call__(self, x):
+      return self.down(jax.nn.relu(self.up(x)))
+
+  model = Model(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, od.orth_dion(0.01, adaptive_rank=True, rank=8), wrt=nnx.Param)
+  x = jnp.ones((4, 16))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+  step(model, optimizer)
+  ranks = od.current_ranks(optimizer.opt_state)
+  assert ranks == {"['down']['kernel']": 8, "['up']['kernel']": 8}
+  resized = od.resize_ranks(optimizer.opt_state, {"['up']['kernel']": 4})
+  nnx.update(optimizer.opt_state, nnx.state(resized))
+  assert od.current_ranks(optimizer.opt_state)["['up']['kernel']"] == 4
+  step(model, optimizer)
+  assert all(np.isfinite(np.asarray(p)).all()
+             for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
