@@ -3,6 +3,7 @@ optimizer choice runs, the data-parallel mesh computes what one device computes,
 compiles its train step once."""
 
 import collections
+import contextlib
 import json
 
 import jax
@@ -89,23 +90,30 @@ MESHES = [(["--mesh-data", "2", "--mesh-fsdp", "2", "--mesh-tensor", "2"],
             "--checkpoint-every", "2"], ["train_step", "eval_loss", "average_momenta_in_state"])]
 
 
-@pytest.mark.parametrize("flags, functions", MESHES, ids=["sharded", "compressed_dp"])
-def test_a_run_on_a_mesh_compiles_each_step_once(tmp_path, flags, functions):
-  # jit compiles anew for arguments on other shardings than it compiled for: the state a step
-  # returns must come back on the shardings it went in on.
+@contextlib.contextmanager
+def _counting_compiles():
+  """Counts, by function name, the programs jit builds inside the block (what jax_log_compiles
+  reports as "Compiling <name>": a cache miss)."""
   compiles = collections.Counter()
 
   def count(event, duration, fun_name="", **kwargs):
     del duration, kwargs
-    # What jax_log_compiles reports as "Compiling <fun_name>": a program built for a cache miss.
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
       compiles[fun_name] += 1
 
   jax.monitoring.register_event_duration_secs_listener(count)
   try:
-    _train(tmp_path, *flags, steps=3)  # a fresh optimizer: nothing compiled before
+    yield compiles
   finally:
     jax.monitoring.unregister_event_duration_listener(count)
+
+
+@pytest.mark.parametrize("flags, functions", MESHES, ids=["sharded", "compressed_dp"])
+def test_a_run_on_a_mesh_compiles_each_step_once(tmp_path, flags, functions):
+  # jit compiles anew for arguments on other shardings than it compiled for: the state a step
+  # returns must come back on the shardings it went in on.
+  with _counting_compiles() as compiles:
+    _train(tmp_path, *flags, steps=3)  # a fresh optimizer: nothing compiled before
   assert {name: compiles[f"jit({name})"] for name in functions} == dict.fromkeys(functions, 1), (
       compiles)
 
@@ -115,23 +123,13 @@ def test_adaptive_rank_on_a_compressed_data_parallel_mesh_compiles_once_per_set_
   # A rank change gives the state new shapes: the train step compiles for them once, and the
   # jitted steps rebuilt on the resized state return it on its own shardings (no second compile
   # per set of ranks), through the checkpoints' averaging of the replicas' momenta too.
-  compiles = collections.Counter()
-
-  def count(event, duration, fun_name="", **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      compiles[fun_name] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(count)
-  try:
+  with _counting_compiles() as compiles:
     train_lib.main([
         "--steps", "5", "--eval-every", "5", "--schedule", "constant", "--warmup-steps", "1",
         "--mesh-data", "2", "--mesh-fsdp", "2", "--mesh-tensor", "2", "--compressed-dp",
         "--checkpoint-every", "2", "--rank-fraction", "0.5", "--adaptive-rank",
         "--rank-interval", "2", "--min-rank", "2", "--rank-multiple", "2", "--out", str(tmp_path),
         *TINY])
-  finally:
-    jax.monitoring.unregister_event_duration_listener(count)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   rank_sets = {json.dumps(r["ranks"], sort_keys=True) for r in records if "ranks" in r}
   assert len(rank_sets) > 1, "no rank changed"
