@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from orth_dion_jax import low_rank
+from orth_dion_jax import megabatch
 from orth_dion_jax import matrix_view
 from orth_dion_jax import scaling
 from orth_dion_jax.scaling import unit_scaled
@@ -124,6 +125,19 @@ def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
   return bound <= float(jnp.finfo(dtype).max)
 
 
+def _all_hold(checks: Sequence[Array]) -> Array:
+  """(n,) bool: every one of the (n,) bool ``checks`` holds, per matrix.
+
+  Written as a count of the checks that fail (a reduction), not as a chain
+  of ``&``: XLA copies a chain of cheap elementwise ops into each of its
+  consumers, and in a megabatch those are every leaf's slice of every
+  output, so the chain of checks would be compiled into each of those
+  kernels. A reduction is computed once and read by all of them.
+  """
+  failed = jnp.stack([~check for check in checks]).astype(jnp.int32)
+  return jnp.sum(failed, axis=0) == 0
+
+
 class _Prepared(NamedTuple):
   """A leaf in layout view, ready for the power iteration."""
   view: matrix_view.MatrixView   # sizes of this device's block
@@ -132,27 +146,36 @@ class _Prepared(NamedTuple):
   momentum_dtype: jnp.dtype | None = None   # the new momentum's (None: none)
 
 
-def _prepare(view: matrix_view.MatrixView, grad: Array,
-             momentum: Array | None, collectives: Collectives,
-             schedules_finite: Array) -> _Prepared:
-  g = view.to_layout(grad)
+def _prepare(view: matrix_view.MatrixView, grads: Sequence[Array],
+             momenta: Sequence[Array | None], collectives: Collectives,
+             schedules_finite: Array, offsets: Sequence[Array]) -> _Prepared:
+  """The joined buffer of a megabatch's leaves (``view``: the first one's,
+  in layout view; the others' have the same block shape; ``offsets``: their
+  ``megabatch.runtime_offsets``)."""
+  gs = [view.to_layout(g) for g in grads]
+  sizes = [g.shape[0] for g in gs]
   # A non-finite gradient (or schedule value) is dropped before it touches the
   # momentum: B = M, and _finish keeps that M. max|g| is NaN or Inf exactly
-  # when some entry is: one reduction, no mask. Every block and replica must
-  # agree on the flag.
-  bad = ~jnp.isfinite(jnp.max(jnp.abs(g), axis=(-2, -1)))
+  # when some entry is: one reduction per leaf, no mask. Every block and
+  # replica must agree on the flags: one collective for the megabatch.
+  bad = megabatch.joined([~jnp.isfinite(jnp.max(jnp.abs(g), axis=(-2, -1)))
+                          for g in gs])
   finite = ((collectives.everything.max(bad.astype(jnp.int32)) == 0)
             & schedules_finite)
-  g = jnp.where(finite[:, None, None], g, 0)
-  if momentum is None:
-    return _Prepared(view, g, finite)
-  m = view.to_layout(momentum)
+  flags = megabatch.parted(finite, sizes, offsets)
+  if momenta[0] is None:
+    return _Prepared(view, megabatch.assembled(
+        [jnp.where(f[:, None, None], g, 0) for f, g in zip(flags, gs)],
+        offsets), finite)
+  ms = [view.to_layout(m) for m in momenta]
   # B is held in float32 at least (or the momentum's wider dtype): with a
   # bfloat16 momentum that is the one weight-sized temporary per matrix, and
   # the products read it directly, where a bfloat16 B would be converted to
   # float32 once per product by backends without bfloat16 matmuls (XLA:CPU).
-  dtype = jnp.promote_types(m.dtype, jnp.float32)
-  return _Prepared(view, m.astype(dtype) + g.astype(dtype), finite, m.dtype)
+  dtype = jnp.promote_types(ms[0].dtype, jnp.float32)
+  return _Prepared(view, megabatch.assembled(
+      [m.astype(dtype) + jnp.where(f[:, None, None], g, 0).astype(dtype)
+       for f, g, m in zip(flags, gs, ms)], offsets), finite, ms[0].dtype)
 
 
 def _finish(
@@ -191,17 +214,19 @@ def _finish(
   b_max = low_rank.largest_magnitude(b, collectives)
   # The new momentum a B - (a - c) P R^T is finite when B, P and R are; the
   # update P Q^T needs the new Q too.
-  healthy = jnp.isfinite(b_max) & low_rank.all_finite(factors.projected,
-                                                      collectives)
+  checks = [jnp.isfinite(b_max),
+            low_rank.all_finite(factors.projected, collectives)]
   if decays is not None:
     # A skipped matrix gets decays (1, 1): M' = B = M, unchanged.
     decays = tuple(jnp.where(finite, d, 1.0) for d in decays)
     # Checked for float32 too: a finite B near the top of the range can still
     # give an infinite B - P R^T.
-    healthy &= _momentum_fits(b_max, factors, decays, momentum_dtype,
-                              collectives)
-  step = (finite & healthy & low_rank.all_finite(factors.right, collectives)
-          )[:, None, None]
+    checks.append(_momentum_fits(b_max, factors, decays, momentum_dtype,
+                                 collectives))
+  healthy = _all_hold(checks)
+  step = _all_hold([finite, healthy,
+                    low_rank.all_finite(factors.right, collectives)]
+                   )[:, None, None]
   # Masks are selects in the elementwise pass that reads each product (a
   # multiplication by 0 would keep a NaN); neither a factor nor a
   # weight-sized array is copied to mask it. After B is formed nothing refers
@@ -253,43 +278,14 @@ def _finish(
   )
 
 
-class _Megabatch(NamedTuple):
-  """Leaves whose matrices share a block shape, rank, scale, sharding and
-  dtypes: their step is one batched computation."""
-  members: list[int]   # leaf indices, in tree order
-  sizes: list[int]     # matrices of each member
-
-
-def _megabatch_key(p: _Prepared, collectives: Collectives, update_dtype):
-  v = p.view
-  return (v.fan_in, v.fan_out, v.small_axis, v.rank, v.scale, collectives,
-          p.buffer.dtype, p.momentum_dtype, jnp.dtype(update_dtype))
-
-
-def _megabatches(prepared: Sequence[_Prepared],
-                 collectives: Sequence[Collectives],
-                 update_dtypes: Sequence[jnp.dtype]) -> list[_Megabatch]:
-  groups: dict[tuple, list[int]] = {}
-  for i, (p, c, d) in enumerate(zip(prepared, collectives, update_dtypes)):
-    groups.setdefault(_megabatch_key(p, c, d), []).append(i)
-  return [_Megabatch(m, [prepared[i].buffer.shape[0] for i in m])
-          for m in groups.values()]
-
-
-def _joined(arrays: Sequence[Array]) -> Array:
-  """The matrices of a megabatch along one batch axis. ``B = M + G`` is a
-  fresh temporary, so XLA writes each leaf's part of it in place: stacking
-  costs no copy of a weight."""
-  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
-
-
-def _parted(x: Array | None, sizes: Sequence[int]) -> list[Array | None]:
-  """Inverse of ``_joined``: each member's matrices."""
-  if x is None:
-    return [None] * len(sizes)
-  if len(sizes) == 1:
-    return [x]
-  return jnp.split(x, np.cumsum(sizes)[:-1], axis=0)
+def _megabatch_key(view: matrix_view.MatrixView, grad: Array,
+                   momentum: Array | None, collectives: Collectives,
+                   update_dtype) -> tuple:
+  """Leaves with equal keys are stepped as one batch: same block shape,
+  rank, scale, collectives and dtypes."""
+  return (view.fan_in, view.fan_out, view.small_axis, view.rank, view.scale,
+          collectives, grad.dtype, None if momentum is None else
+          momentum.dtype, jnp.dtype(update_dtype))
 
 
 def step_matrices(compressor: LowRankCompressor,
@@ -314,48 +310,53 @@ def step_matrices(compressor: LowRankCompressor,
   # A schedule value that is not finite skips every matrix's step.
   schedules_finite = functools.reduce(jnp.logical_and, [
       jnp.isfinite(v) for v in (inputs.eps, *(inputs.decays or ()))])
+  local = [v.localized(g.shape) for v, g in zip(views, inputs.grads)]
+  batches = megabatch.megabatches(
+      [_megabatch_key(*leaf) for leaf in zip(
+          local, inputs.grads, inputs.momenta, collectives, update_dtypes)],
+      [v.num_matrices for v in local])
+  # Every member's results are sliced out of its megabatch's at offsets the
+  # compiler does not fold (megabatch.runtime_offsets): any run-time
+  # predicate will do.
+  offsets = megabatch.runtime_offsets(
+      [size for batch in batches for size in batch.sizes], inputs.count >= 0)
+  firsts = [batch.members[0] for batch in batches]
+  starts = np.cumsum([0] + [len(batch.members) for batch in batches])
+  offsets = [offsets[a:b] for a, b in zip(starts[:-1], starts[1:])]
   prepared = [
-      _prepare(v.localized(g.shape), g, m, c, schedules_finite)
-      for v, g, m, c in zip(views, inputs.grads, inputs.momenta, collectives)]
-  batches = _megabatches(prepared, collectives, update_dtypes)
-  joined = []
-  for batch in batches:
-    first = prepared[batch.members[0]]
-    pick = lambda field: _joined(
-        [getattr(prepared[i], field) for i in batch.members])
-    joined.append(_Prepared(first.view, pick("buffer"), pick("finite"),
-                            first.momentum_dtype))
+      _prepare(local[first], [inputs.grads[i] for i in batch.members],
+               [inputs.momenta[i] for i in batch.members],
+               collectives[first], schedules_finite, members)
+      for batch, first, members in zip(batches, firsts, offsets)]
+  pick = lambda values, batch, shape: megabatch.joined(
+      [values[i].reshape(shape) for i in batch.members])
   qs, qs_finite = zip(*[
-      _finite_right_factor(_joined([
-          inputs.right_factors[i].reshape(-1, p.view.small, p.view.rank)
-          for i in batch.members]), collectives[batch.members[0]])
-      for batch, p in zip(batches, joined)])
+      _finite_right_factor(
+          pick(inputs.right_factors, batch, (-1, p.view.small, p.view.rank)),
+          collectives[first])
+      for batch, first, p in zip(batches, firsts, prepared)])
   step_key = jax.random.fold_in(jax.random.key(compressor.seed), inputs.count)
   factors = low_rank.power_iteration(
       [low_rank.MatrixTask(buffer=p.buffer, right_factor=q,
                            small_axis=p.view.small_axis,
-                           collectives=collectives[batch.members[0]])
-       for batch, p, q in zip(batches, joined, qs)],
+                           collectives=collectives[first])
+       for first, p, q in zip(firsts, prepared, qs)],
       config=compressor.step_config, eps=inputs.eps, key=step_key)
   results: list[MatrixStep | None] = [None] * len(views)
-  for batch, p, f, q, q_finite in zip(batches, joined, factors, qs, qs_finite):
-    first = batch.members[0]
-    skips = _joined([inputs.nonfinite_counts[i].reshape(-1)
-                     for i in batch.members])
+  for batch, first, members, p, f, q, q_finite in zip(
+      batches, firsts, offsets, prepared, factors, qs, qs_finite):
     adaptive = None
     if inputs.effective_ranks is not None:
-      adaptive = (
-          _joined([inputs.effective_ranks[i].reshape(-1)
-                   for i in batch.members]),
-          _joined([inputs.right_energies[i].reshape(
-              (-1,) + q.shape[-1:] * 2)
-                   for i in batch.members]))
-    out = _finish(p, f, q, q_finite, skips, adaptive, decays=inputs.decays,
-                  update_dtype=update_dtypes[first],
+      adaptive = (pick(inputs.effective_ranks, batch, (-1,)),
+                  pick(inputs.right_energies, batch,
+                       (-1,) + q.shape[-1:] * 2))
+    out = _finish(p, f, q, q_finite,
+                  pick(inputs.nonfinite_counts, batch, (-1,)), adaptive,
+                  decays=inputs.decays, update_dtype=update_dtypes[first],
                   collectives=collectives[first], compressor=compressor)
-    parts = zip(*(_parted(x, batch.sizes) for x in out))
+    parts = zip(*(megabatch.parted(x, batch.sizes, members) for x in out))
     for i, part in zip(batch.members, parts):
-      view = prepared[i].view
+      view = local[i]
       (update, momentum, q_new, captured, aligned, skipped, effective_rank,
        right_energy) = part
       batch_shaped = lambda x: None if x is None else x.reshape(

@@ -147,6 +147,10 @@ class MatrixView:
         fan_out=math.prod(permuted[nb + self.reduction_ndim:]))
 
   @property
+  def num_matrices(self) -> int:
+    return math.prod(self.batch_shape)
+
+  @property
   def right_factor_shape(self) -> tuple[int, ...]:
     return self.batch_shape + (self.small, self.rank)
 
