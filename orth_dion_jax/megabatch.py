@@ -50,20 +50,6 @@ def joined(arrays: Sequence[Array]) -> Array:
   return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
 
 
-def assembled(arrays: Sequence[Array], offsets: Sequence[Array]) -> Array:
-  """``joined(arrays)`` for arrays computed just for it (``B = M + G``):
-  each is written into its rows of the batch in place, by a kernel shared
-  by the members of a shape, where a concatenation would first hold every
-  member's array and then copy it. Costs a fill of the batch with zeros."""
-  if len(arrays) == 1:
-    return arrays[0]
-  shape = (sum(a.shape[0] for a in arrays),) + arrays[0].shape[1:]
-  out = jnp.zeros(shape, arrays[0].dtype)
-  for start, a in zip(offsets, arrays):
-    out = jax.lax.dynamic_update_slice_in_dim(out, a, start, axis=0)
-  return out
-
-
 def runtime_offsets(sizes: Sequence[int], predicate: Array) -> list[Array]:
   """Each member's first row in the joined batch, as an int32 scalar that
   the compiler cannot see as a constant.
