@@ -25,7 +25,6 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from orth_dion_jax import low_rank
@@ -322,11 +321,8 @@ def step_matrices(compressor: LowRankCompressor,
   # Every member's results are sliced out of its megabatch's at offsets the
   # compiler does not fold (megabatch.runtime_offsets): any run-time
   # predicate will do.
-  offsets = megabatch.runtime_offsets(
-      [size for batch in batches for size in batch.sizes], inputs.count >= 0)
+  offsets = megabatch.runtime_offsets(batches, inputs.count >= 0)
   firsts = [batch.members[0] for batch in batches]
-  starts = np.cumsum([0] + [len(batch.members) for batch in batches])
-  offsets = [offsets[a:b] for a, b in zip(starts[:-1], starts[1:])]
   prepared = [
       _prepare(local[first], [inputs.grads[i] for i in batch.members],
                [inputs.momenta[i] for i in batch.members],

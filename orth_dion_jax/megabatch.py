@@ -50,27 +50,31 @@ def joined(arrays: Sequence[Array]) -> Array:
   return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=0)
 
 
-def runtime_offsets(sizes: Sequence[int], predicate: Array) -> list[Array]:
-  """Each member's first row in the joined batch, as an int32 scalar that
-  the compiler cannot see as a constant.
+def runtime_offsets(batches: Sequence[Megabatch], predicate: Array
+                    ) -> list[list[Array]]:
+  """Each member's first row in its megabatch, as int32 scalars that the
+  compiler cannot see as constants: one list per megabatch.
 
   Both branches of the ``lax.cond`` return the same numbers, so the
   ``predicate`` (any boolean scalar computed at run time) does not change
   them; it only hides them from constant folding, so that the slicing
-  kernels of equally sized members are identical.
+  kernels of equally sized members are identical. One ``cond`` serves
+  every megabatch.
   """
-  starts = [int(s) for s in np.cumsum([0, *sizes[:-1]])]
+  starts = [[int(s) for s in np.cumsum([0, *batch.sizes[:-1]])]
+            for batch in batches]
 
   def constants():
-    return tuple(jnp.int32(s) for s in starts)
-  return list(jax.lax.cond(predicate, constants, constants))
+    return [tuple(jnp.int32(s) for s in batch) for batch in starts]
+  return [list(batch) for batch in jax.lax.cond(predicate, constants,
+                                                constants)]
 
 
 def parted(x: Array | None, sizes: Sequence[int],
            offsets: Sequence[Array]) -> list[Array | None]:
   """Inverse of ``joined``: each member's rows of ``x`` (None: Nones).
 
-  ``offsets`` are ``runtime_offsets(sizes, ...)``.
+  ``offsets``: the megabatch's list from ``runtime_offsets``.
   """
   if x is None:
     return [None] * len(sizes)

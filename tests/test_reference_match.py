@@ -75,6 +75,23 @@ def test_tall_wide_square_and_rank_one_match_reference(right_factor,
     chex.assert_shape(factors[name], (min(fan_in, fan_out), MIXED_RANKS[name]))
 
 
+# Several leaves of each shape: every shape is a megabatch of several leaves
+# (matrix_step), and each leaf's results are sliced out of its megabatch's.
+MEGABATCHED_SHAPES = {
+    **{f"tall{i}": (16, 48) for i in range(3)},
+    **{f"wide{i}": (48, 16) for i in range(2)},
+    **{f"square{i}": (24, 24) for i in range(3)},
+    "rank_one": (40, 4),
+}
+
+
+@pytest.mark.parametrize("right_factor,form", [
+    ("qr", "mu"), ("qr", "beta"), ("polar", "beta"), ("column", "mu")])
+def test_leaves_stepped_as_megabatches_match_reference(right_factor, form):
+  _check_alias(MEGABATCHED_SHAPES, right_factor=right_factor,
+               orthogonalize=METHODS[0], rank_fraction=0.25, form=form)
+
+
 @pytest.mark.parametrize("right_factor,orthogonalize,form", PAIRWISE)
 def test_full_rank_matches_reference(right_factor, orthogonalize, form):
   state = _check_alias(FULL_RANK_SHAPES, right_factor=right_factor,
