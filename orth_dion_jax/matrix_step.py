@@ -145,13 +145,17 @@ class _Prepared(NamedTuple):
   momentum_dtype: jnp.dtype | None = None   # the new momentum's (None: none)
 
 
-def _prepare(view: matrix_view.MatrixView, grads: Sequence[Array],
+def _prepare(views: Sequence[matrix_view.MatrixView], grads: Sequence[Array],
              momenta: Sequence[Array | None], collectives: Collectives,
              schedules_finite: Array, offsets: Sequence[Array]) -> _Prepared:
-  """The joined buffer of a megabatch's leaves (``view``: the first one's,
-  in layout view; the others' have the same block shape; ``offsets``: their
-  ``megabatch.runtime_offsets``)."""
-  gs = [view.to_layout(g) for g in grads]
+  """The joined buffer of a megabatch's leaves, in layout view.
+
+  ``views``: the members' own (their fan sizes agree, but not necessarily
+  the order of their axes: each leaf is brought to the layout by its own
+  view); ``offsets``: their ``megabatch.runtime_offsets``.
+  """
+  view = views[0]
+  gs = [v.to_layout(g) for v, g in zip(views, grads)]
   sizes = [g.shape[0] for g in gs]
   # A non-finite gradient (or schedule value) is dropped before it touches the
   # momentum: B = M, and _finish keeps that M. max|g| is NaN or Inf exactly
@@ -170,7 +174,7 @@ def _prepare(view: matrix_view.MatrixView, grads: Sequence[Array],
     return _Prepared(view, megabatch.joined(
         [jnp.where(f[:, None, None], g, 0) for f, g in zip(flags, gs)]),
                      finite)
-  ms = [view.to_layout(m) for m in momenta]
+  ms = [v.to_layout(m) for v, m in zip(views, momenta)]
   # B is held in float32 at least (or the momentum's wider dtype): with a
   # bfloat16 momentum that is the one weight-sized temporary per matrix, and
   # the products read it directly, where a bfloat16 B would be converted to
@@ -324,7 +328,8 @@ def step_matrices(compressor: LowRankCompressor,
   offsets = megabatch.runtime_offsets(batches, inputs.count >= 0)
   firsts = [batch.members[0] for batch in batches]
   prepared = [
-      _prepare(local[first], [inputs.grads[i] for i in batch.members],
+      _prepare([local[i] for i in batch.members],
+               [inputs.grads[i] for i in batch.members],
                [inputs.momenta[i] for i in batch.members],
                collectives[first], schedules_finite, members)
       for batch, first, members in zip(batches, firsts, offsets)]

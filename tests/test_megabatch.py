@@ -160,3 +160,46 @@ def test_parted_inverts_joined_at_run_time_offsets(predicate):
     for part, array in zip(got, expected):
       np.testing.assert_array_equal(np.asarray(part), array)
   assert megabatch.parted(None, [1, 2], offsets[1]) == [None, None]
+
+
+# Leaves whose matrices share their fan sizes but not the order of their
+# axes: a transposed kernel, (out, in) storage, a Gemma-style (heads, d,
+# head_dim) query with fan-out (heads, head_dim), a head axis kept as a
+# batch axis. Each is a megabatch member brought to the layout by its own
+# view.
+MIXED_LAYOUTS = {
+    "a": ((32, 32), od.DionDimensionNumbers(0, 1)),
+    "b": ((32, 32), od.DionDimensionNumbers(1, 0)),
+    "c": ((64, 32), od.DionDimensionNumbers(0, 1)),
+    "d": ((32, 64), od.DionDimensionNumbers(1, 0)),
+    "q": ((4, 64, 16), od.DionDimensionNumbers(1, (0, 2))),
+    "e": ((64, 64), od.DionDimensionNumbers(0, 1)),
+    "heads": ((64, 4, 16), od.DionDimensionNumbers(0, 2)),
+    "f": ((64, 16), od.DionDimensionNumbers(0, 1)),
+}
+
+
+@pytest.mark.parametrize("first", ["a", "q"])
+def test_each_leaf_steps_as_if_it_were_alone_whatever_its_layout(first):
+  names = [first] + [k for k in MIXED_LAYOUTS if k != first]
+  shapes = {k: MIXED_LAYOUTS[k][0] for k in names}
+  numbers = {k: MIXED_LAYOUTS[k][1] for k in names}
+  params, grads = _tree(shapes, 0), _tree(shapes, 1)
+  tx = od.scale_by_orth_dion(rank=4, weight_dimension_numbers=numbers)
+  state = tx.init(params)
+  together, state_after = jax.jit(tx.update)(grads, state, params)
+  for name in names:
+    alone = od.scale_by_orth_dion(
+        rank=4, weight_dimension_numbers={name: numbers[name]})
+    alone_state = alone.init({name: params[name]})._replace(
+        right_factor={name: state.right_factor[name]})
+    update, alone_after = jax.jit(alone.update)(
+        {name: grads[name]}, alone_state, {name: params[name]})
+    np.testing.assert_allclose(together[name], update[name], rtol=2e-5,
+                               atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(state_after.momentum[name],
+                               alone_after.momentum[name], rtol=2e-5,
+                               atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(state_after.right_factor[name],
+                               alone_after.right_factor[name], rtol=2e-5,
+                               atol=1e-6, err_msg=name)
