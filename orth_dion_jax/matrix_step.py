@@ -167,9 +167,9 @@ def _prepare(views: Sequence[matrix_view.MatrixView], grads: Sequence[Array],
             & schedules_finite)
   flags = megabatch.parted(finite, sizes, offsets)
   # Each leaf's B is formed by a kernel shared by the leaves of its shape and
-  # then copied into the megabatch: on XLA:CPU that copy is faster than
-  # writing each leaf's B into a zeroed megabatch in place (218 against 170
-  # ms a step at 16 layers, benchmarks/scale.py).
+  # then copied into the megabatch. Writing each leaf's B in place into a
+  # zeroed megabatch would save the copy, but it stepped no faster on
+  # XLA:CPU (benchmarks/README.md, "Scale"); the copy is the simpler code.
   if momenta[0] is None:
     return _Prepared(view, megabatch.joined(
         [jnp.where(f[:, None, None], g, 0) for f, g in zip(flags, gs)]),
