@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from orth_dion_jax import low_rank
-from orth_dion_jax import megabatch
 from orth_dion_jax import matrix_view
+from orth_dion_jax import megabatch
 from orth_dion_jax import scaling
 from orth_dion_jax.scaling import unit_scaled
 from orth_dion_jax.collectives import Collectives
@@ -288,8 +288,9 @@ def _finish(
 def _megabatch_key(view: matrix_view.MatrixView, grad: Array,
                    momentum: Array | None, collectives: Collectives,
                    update_dtype) -> tuple:
-  """Leaves with equal keys are stepped as one batch: same block shape,
-  rank, scale, collectives and dtypes."""
+  """Leaves with equal keys are stepped as one batch: the same fan sizes of
+  their blocks (in whatever axis order), rank, scale, collectives and
+  dtypes."""
   return (view.fan_in, view.fan_out, view.small_axis, view.rank, view.scale,
           collectives, grad.dtype, None if momentum is None else
           momentum.dtype, jnp.dtype(update_dtype))
