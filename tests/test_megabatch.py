@@ -3,9 +3,10 @@
 Properties of the compiled update, not times: the leaves of a shape share
 their compiled kernels (the number of distinct kernels does not grow with
 the number of layers), a sharded step makes one collective per megabatch
-(their number does not grow either), and the unscanned update equals the
-scanned one matrix for matrix. ``megabatch``'s own pieces are checked
-against NumPy.
+(their number does not grow either), the unscanned update equals the
+scanned one matrix for matrix, and every leaf of a tree of mixed layouts
+steps as if it were alone, on one device and sharded. ``megabatch``'s own
+pieces are checked against NumPy.
 """
 
 import collections
@@ -203,3 +204,27 @@ def test_each_leaf_steps_as_if_it_were_alone_whatever_its_layout(first):
     np.testing.assert_allclose(state_after.right_factor[name],
                                alone_after.right_factor[name], rtol=2e-5,
                                atol=1e-6, err_msg=name)
+
+
+def test_a_sharded_mixed_layout_tree_matches_one_device():
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  shapes = {k: shape for k, (shape, _) in MIXED_LAYOUTS.items()}
+  numbers = {k: dims for k, (_, dims) in MIXED_LAYOUTS.items()}
+  params, grads = _tree(shapes, 0), _tree(shapes, 1)
+  # The leading axis of every leaf split over "fsdp": a fan-in, a fan-out
+  # or a batch axis, depending on the leaf's layout.
+  put = lambda tree: {k: jax.device_put(v, NamedSharding(mesh, P("fsdp")))
+                      for k, v in tree.items()}
+  one_device = od.scale_by_orth_dion(rank=4,
+                                     weight_dimension_numbers=numbers)
+  expected, _ = jax.jit(one_device.update)(grads, one_device.init(params),
+                                           params)
+  sharded = od.scale_by_orth_dion(rank=4, weight_dimension_numbers=numbers,
+                                  mesh=mesh)
+  with jax.set_mesh(mesh):
+    sharded_params = put(params)
+    got, _ = jax.jit(sharded.update)(put(grads), jax.jit(sharded.init)(
+        sharded_params), sharded_params)
+  for name in shapes:
+    np.testing.assert_allclose(np.asarray(got[name]), expected[name],
+                               rtol=2e-5, atol=1e-6, err_msg=name)
