@@ -23,6 +23,9 @@ AdamW, optax Muon, Orth-Dion and Dion, in each layout and at each L:
   candidates of one L, both layouts, take turns call by call
   (``workload.time_round_robin``), so the ratios between them hold on a
   noisy machine;
+* **temp MiB**: the temporaries XLA assigned to the compiled update
+  (``memory_analysis()``), its working memory beyond the donated parameters
+  and state;
 
 and the two ratios the layouts are judged by, with their targets: each
 optimizer's unscanned compile over Muon's unscanned compile (Orth-Dion's
@@ -122,6 +125,10 @@ class TimedUpdate(workload.DonatedUpdate):
     self.trace_s = time.perf_counter() - start
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
+    # The temporaries XLA assigned to the update (parameters and state are
+    # donated, so what is left is the working memory of the step).
+    memory = self.compiled.memory_analysis()
+    self.temp_bytes = getattr(memory, "temp_size_in_bytes", None)
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
     self.grads = grads
@@ -145,7 +152,8 @@ def measure(d: int, layers: int, layouts, optimizers, rank_fraction: float,
           "rank_fraction": rank_fraction, "dtype": dtype,
           "leaves": len(shapes), "matrices": layers * len(layer_shapes(d)),
           "matrix_counts": matrix_counts(shapes, layout),
-          "trace_s": runner.trace_s, "compile_s": runner.compile_s}
+          "trace_s": runner.trace_s, "compile_s": runner.compile_s,
+          "temp_bytes": runner.temp_bytes}
   times = workload.time_round_robin(runners, repeats)
   for key, record in records.items():
     record.update(step_s=workload.median(times[key]), steps_s=times[key],
@@ -163,14 +171,15 @@ def measure(d: int, layers: int, layouts, optimizers, rank_fraction: float,
 _DETAIL_COLUMNS = (
     ("layers", "d"), ("layout", ""), ("matrices", "d"), ("leaves", "d"),
     ("optimizer", ""), ("trace s", ".2f"), ("compile s", ".2f"),
-    ("step ms", ".1f"), ("spread", ".0%"), ("compile / muon", ".2f"),
-    ("step / scanned", ".2f"))
+    ("step ms", ".1f"), ("spread", ".0%"), ("temp MiB", ".0f"),
+    ("compile / muon", ".2f"), ("step / scanned", ".2f"))
 
 
 def _detail_row(record: dict) -> list[object]:
   return [record["layers"], record["layout"], record["matrices"],
           record["leaves"], record["optimizer"], record["trace_s"],
           record["compile_s"], 1e3 * record["step_s"], record["spread"],
+          None if record["temp_bytes"] is None else record["temp_bytes"] / 2**20,
           record["x_muon_compile"], record["x_scanned_step"]]
 
 

@@ -13,7 +13,11 @@ are the larger side (docs/design.md, "The step")::
 Here ``B`` is held in the layout view ``(batch, fan_in, fan_out)``
 (``matrix_view``) and never transposed or copied: each product contracts the
 right axis of the layout array directly. ``small_axis`` says which layout axis
-carries ``Q``.
+carries ``Q``. A megabatch's ``B`` is held as its members' own arrays (or,
+for small matrices, one joined array: ``megabatch.Parts``): the products and
+reductions over ``B`` are taken array by array and their thin results
+joined, so that the factors are orthonormalized as one batch without a
+large ``B`` being copied into one.
 
 Where the sums happen is a parameter (``collectives.Collectives``): on one
 device they are identities; under ``shard_map`` they become ``psum``s over the
@@ -39,7 +43,8 @@ from orth_dion_jax import orthogonalize as orth
 from orth_dion_jax import polar_factor
 from orth_dion_jax.collectives import Collectives, SINGLE_DEVICE
 from orth_dion_jax.lapack_calls import per_matrix
-from orth_dion_jax.scaling import unit_scaled
+from orth_dion_jax.megabatch import Parts
+from orth_dion_jax.scaling import scaled_by, unit_scale, unit_scaled
 
 Array = jax.Array
 RightFactor = Literal["qr", "polar", "column"]
@@ -75,6 +80,12 @@ def _contract(b: Array, f: Array, axis: Literal["in", "out"]) -> Array:
   return jnp.einsum("nio,nor->nir", b, f, preferred_element_type=jnp.float32)
 
 
+def _products(b: Parts, f: Array, axis: Literal["in", "out"]) -> Array:
+  """``_contract`` of each of B's arrays with its rows of the joined factor
+  ``f``, joined: the products of a megabatch without joining its B."""
+  return b.joined_each(lambda member, g: _contract(member, g, axis), f)
+
+
 def _other(axis: Literal["in", "out"]) -> Literal["in", "out"]:
   return "out" if axis == "in" else "in"
 
@@ -97,8 +108,8 @@ class LowRankConfig:
 
 
 class MatrixTask(NamedTuple):
-  """One weight leaf's input to the power iteration."""
-  buffer: Array                     # B, layout view (n, fan_in, fan_out)
+  """One megabatch's input to the power iteration."""
+  buffer: Parts                     # B, layout view (n_i, fan_in, fan_out)
   right_factor: Array               # previous Q, (n, small, r)
   small_axis: Literal["in", "out"]  # layout axis that Q lives on
   collectives: Collectives = SINGLE_DEVICE
@@ -149,11 +160,12 @@ def power_iteration(
 ) -> list[LowRankFactors]:
   """Warm-started power iteration(s) on every matrix of a model at once.
 
-  The products with ``B`` are per leaf (they contract ``B`` in place); the
-  orthonormalizations are batched over same-shaped factors.
+  The products with ``B`` are per member of a megabatch (they contract each
+  member's ``B`` in place); the orthonormalizations are batched over
+  same-shaped factors.
 
   Args:
-    tasks: one ``MatrixTask`` per weight leaf.
+    tasks: one ``MatrixTask`` per megabatch.
     config: right-factor kind, orthogonalization method, power iterations.
     eps: Dion's column-normalization epsilon.
     key: PRNG key for randomized sketches, identical on all replicas.
@@ -169,7 +181,7 @@ def power_iteration(
     # orth(B Q) does not depend on the scale of Q's columns; unit-max columns
     # keep B Q from underflowing when Dion's Q is tiny (R / (|R| + eps) with
     # |R| << eps).
-    ys = [c.replicas.mean(c.small.sum(_contract(
+    ys = [c.replicas.mean(c.small.sum(_products(
         t.buffer, orth.column_prescale(q, c.small), t.small_axis)))
           for t, q, c in zip(tasks, qs, colls)]
     if it == config.power_iters - 1:
@@ -178,7 +190,7 @@ def power_iteration(
     ps = _grouped_orthonormalize(
         ys, colls, on_big_side=True, method=config.orthogonalize,
         right_factor=None, eps=eps, key=jax.random.fold_in(key, 2 * it))
-    rs = [c.replicas.mean(c.big.sum(_contract(
+    rs = [c.replicas.mean(c.big.sum(_products(
         t.buffer, p, _other(t.small_axis)))) for t, p, c in zip(tasks, ps, colls)]
     qs = _grouped_orthonormalize(
         rs, colls, on_big_side=False, method=config.orthogonalize,
@@ -231,16 +243,18 @@ def error_feedback(
   return new.astype(b.dtype)
 
 
-def largest_magnitude(b: Array, collectives: Collectives = SINGLE_DEVICE
+def largest_magnitude(b: Parts, collectives: Collectives = SINGLE_DEVICE
                       ) -> Array:
   """max |B| per matrix, (n,) float32, agreed by every block and replica.
 
   NaN exactly when some entry of some replica's ``B`` is NaN, Inf when one
   is infinite: it is both the non-finite guard's test of ``B`` and the
-  captured fraction's scale, from one reduction.
+  captured fraction's scale, from one reduction per member and one
+  collective per megabatch.
   """
-  return collectives.everything.max(
-      jnp.max(jnp.abs(b), axis=(-2, -1)).astype(jnp.float32))
+  return collectives.everything.max(b.joined_each(
+      lambda member: jnp.max(jnp.abs(member), axis=(-2, -1)).astype(
+          jnp.float32)))
 
 
 def all_finite(factor: Array, collectives: Collectives = SINGLE_DEVICE
@@ -254,7 +268,7 @@ def all_finite(factor: Array, collectives: Collectives = SINGLE_DEVICE
       jnp.max(jnp.abs(factor), axis=(-2, -1))))
 
 
-def captured_fraction(b: Array, factors: LowRankFactors, b_max: Array,
+def captured_fraction(b: Parts, factors: LowRankFactors, b_max: Array,
                       collectives: Collectives = SINGLE_DEVICE) -> Array:
   """||P R^T||_F^2 / ||B||_F^2 per matrix (= ||R||_F^2 / ||B||_F^2).
 
@@ -266,8 +280,10 @@ def captured_fraction(b: Array, factors: LowRankFactors, b_max: Array,
   """
   c = collectives
   scale = b_max[:, None, None]
-  total = c.replicas.mean(c.matrix.sum(jnp.sum(
-      jnp.square(unit_scaled(b.astype(jnp.float32), scale)), axis=(-2, -1))))
+  total = c.replicas.mean(c.matrix.sum(b.joined_each(
+      lambda member, s: jnp.sum(jnp.square(scaled_by(
+          member.astype(jnp.float32), s)), axis=(-2, -1)),
+      unit_scale(scale))))
   kept = c.small.sum(jnp.sum(
       jnp.square(unit_scaled(factors.projected, scale)), axis=(-2, -1)))
   kept = kept * factors.moved.reshape(kept.shape)

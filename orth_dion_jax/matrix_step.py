@@ -138,9 +138,10 @@ def _all_hold(checks: Sequence[Array]) -> Array:
 
 
 class _Prepared(NamedTuple):
-  """A leaf in layout view, ready for the power iteration."""
+  """A megabatch in layout view, ready for the power iteration."""
   view: matrix_view.MatrixView   # sizes of this device's block
-  buffer: Array    # B = M + G (or G without momentum), (n, fan_in, fan_out)
+  buffer: megabatch.Parts   # B = M + G (or G without momentum), arrays
+                            # (n_i, fan_in, fan_out), apart or joined
   finite: Array    # (n,) bool: the gradient and the schedules are finite
   momentum_dtype: jnp.dtype | None = None   # the new momentum's (None: none)
 
@@ -148,7 +149,7 @@ class _Prepared(NamedTuple):
 def _prepare(views: Sequence[matrix_view.MatrixView], grads: Sequence[Array],
              momenta: Sequence[Array | None], collectives: Collectives,
              schedules_finite: Array, offsets: Sequence[Array]) -> _Prepared:
-  """The joined buffer of a megabatch's leaves, in layout view.
+  """The buffer of a megabatch's leaves, in layout view.
 
   ``views``: the members' own (their fan sizes agree, but not necessarily
   the order of their axes: each leaf is brought to the layout by its own
@@ -166,23 +167,21 @@ def _prepare(views: Sequence[matrix_view.MatrixView], grads: Sequence[Array],
   finite = ((collectives.everything.max(bad.astype(jnp.int32)) == 0)
             & schedules_finite)
   flags = megabatch.parted(finite, sizes, offsets)
-  # Each leaf's B is formed by a kernel shared by the leaves of its shape and
-  # then copied into the megabatch. Writing each leaf's B in place into a
-  # zeroed megabatch would save the copy, but it stepped no faster on
-  # XLA:CPU (benchmarks/README.md, "Scale"); the copy is the simpler code.
+  # Each leaf's B is formed by a kernel shared by the leaves of its shape;
+  # large ones stay apart, small ones are joined (megabatch.kept_apart).
   if momenta[0] is None:
-    return _Prepared(view, megabatch.joined(
-        [jnp.where(f[:, None, None], g, 0) for f, g in zip(flags, gs)]),
-                     finite)
+    return _Prepared(view, megabatch.Parts.of(
+        [jnp.where(f[:, None, None], g, 0) for f, g in zip(flags, gs)],
+        offsets), finite)
   ms = [v.to_layout(m) for v, m in zip(views, momenta)]
   # B is held in float32 at least (or the momentum's wider dtype): with a
   # bfloat16 momentum that is the one weight-sized temporary per matrix, and
   # the products read it directly, where a bfloat16 B would be converted to
   # float32 once per product by backends without bfloat16 matmuls (XLA:CPU).
   dtype = jnp.promote_types(ms[0].dtype, jnp.float32)
-  return _Prepared(view, megabatch.joined(
+  return _Prepared(view, megabatch.Parts.of(
       [m.astype(dtype) + jnp.where(f[:, None, None], g, 0).astype(dtype)
-       for f, g, m in zip(flags, gs, ms)]), finite, ms[0].dtype)
+       for f, g, m in zip(flags, gs, ms)], offsets), finite, ms[0].dtype)
 
 
 def _finish(
@@ -199,7 +198,10 @@ def _finish(
     compressor: LowRankCompressor,
 ) -> MatrixStep:
   """Update, error feedback and new state of a megabatch from its factors,
-  in layout view: ``(n, fan_in, fan_out)`` arrays and ``(n,)`` scalars.
+  in layout view: the update and the momentum as lists of arrays
+  ``(n_i, fan_in, fan_out)`` like ``prepared.buffer.arrays`` (each
+  member's, or one joined), the rest joined (``(n, small, r)`` factors,
+  ``(n,)`` scalars).
 
   The non-finite guard, per matrix: a step is taken only when its gradient
   and schedules (``prepared.finite``), ``B``, ``R`` and the new ``Q`` are
@@ -238,19 +240,28 @@ def _finish(
   # multiplication by 0 would keep a NaN); neither a factor nor a
   # weight-sized array is copied to mask it. After B is formed nothing refers
   # to the old momentum, so B's buffer can become the new momentum in place.
-  update = jnp.where(step, view.scale * factors.moved * low_rank.outer(
-      factors.left, factors.right, view.small_axis), 0.0).astype(update_dtype)
+  # The weight-sized results are formed like B (b.each): member by member,
+  # from each one's rows of the joined factors, or joined.
+  update = b.each(
+      lambda _, left, right, moved, taken: jnp.where(
+          taken, view.scale * moved * low_rank.outer(left, right,
+                                                     view.small_axis),
+          0.0).astype(update_dtype),
+      factors.left, factors.right, factors.moved, step)
   new_q = jnp.where(step, factors.right, q)
   if decays is None:
     new_m = None
   else:
-    residual_decay, captured_decay = (d[:, None, None] for d in decays)
-    new_m = jnp.where(
-        healthy[:, None, None],
-        low_rank.error_feedback(
-            b, factors, small_axis=view.small_axis,
-            residual_decay=residual_decay, captured_decay=captured_decay),
-        0.0).astype(momentum_dtype)
+    new_m = b.each(
+        lambda member, left, projected, moved, keep, residual_decay,
+        captured_decay: jnp.where(
+            keep[:, None, None], low_rank.error_feedback(
+                member, low_rank.LowRankFactors(left, projected, None, moved),
+                small_axis=view.small_axis,
+                residual_decay=residual_decay[:, None, None],
+                captured_decay=captured_decay[:, None, None]),
+            0.0).astype(momentum_dtype),
+        factors.left, factors.projected, factors.moved, healthy, *decays)
   taken = lambda value: jnp.where(step[:, 0, 0], value, 0.0)
   captured = taken(low_rank.captured_fraction(b, factors, b_max, collectives))
   spectrum = low_rank.spectrum(factors, collectives,
@@ -360,7 +371,10 @@ def step_matrices(compressor: LowRankCompressor,
                   pick(inputs.nonfinite_counts, batch, (-1,)), adaptive,
                   decays=inputs.decays, update_dtype=update_dtypes[first],
                   collectives=collectives[first], compressor=compressor)
-    parts = zip(*(megabatch.parted(x, batch.sizes, members) for x in out))
+    # Each member's rows of the megabatch's results (weight-sized ones kept
+    # apart are each member's already).
+    parts = zip(p.buffer.members(out.update), p.buffer.members(out.momentum),
+                *(megabatch.parted(x, batch.sizes, members) for x in out[2:]))
     for i, part in zip(batch.members, parts):
       view = local[i]
       (update, momentum, q_new, captured, aligned, skipped, effective_rank,

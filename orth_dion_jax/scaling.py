@@ -28,12 +28,30 @@ def unit_scaled(x: Array, largest: Array) -> Array:
   Where it is 0 or not finite, ``x`` is returned as is (there is nothing to
   scale by; the non-finite guards look at ``largest`` itself).
   """
+  return scaled_by(x, unit_scale(largest, x.dtype))
+
+
+def unit_scale(largest: Array, dtype=jnp.float32) -> tuple[Array, Array]:
+  """The two normal powers of two whose product is ``2^-e`` (``largest =
+  f 2^e``; 1 and 1 where it is 0 or not finite), shaped like ``largest``.
+
+  ``unit_scaled(x, largest) == scaled_by(x, unit_scale(largest))``: taken
+  apart so that the exponent is found once for a megabatch and the arrays
+  of its members are each scaled by their rows of it.
+  """
   _, exponent = jnp.frexp(largest)
   usable = (largest > 0) & jnp.isfinite(largest)
   exponent = jnp.where(usable, exponent, 0)
   half = exponent // 2
-  one = jnp.ones((), x.dtype)
-  return x * jnp.ldexp(one, -half) * jnp.ldexp(one, half - exponent)
+  one = jnp.ones((), dtype)
+  return jnp.ldexp(one, -half), jnp.ldexp(one, half - exponent)
+
+
+def scaled_by(x: Array, factors: tuple[Array, Array]) -> Array:
+  """``x`` times both of ``unit_scale``'s factors, one after the other (their
+  product could be subnormal)."""
+  low, high = factors
+  return x * low * high
 
 
 def mantissa(largest: Array) -> Array:

@@ -13,3 +13,20 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (
       _flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402  (after the flags, which must come first)
+
+
+@pytest.fixture(params=["joined", "apart"])
+def megabatch_form(request, monkeypatch):
+  """Runs a test with each megabatch's weight-sized arrays joined and with
+  them kept apart.
+
+  ``megabatch.kept_apart`` chooses by matrix size, and the tests' matrices
+  are all small enough to be joined; the size bound is moved so that both
+  forms are stepped.
+  """
+  from orth_dion_jax import megabatch
+  monkeypatch.setattr(megabatch, "JOIN_BELOW",
+                      0 if request.param == "apart" else 2 ** 62)
+  return request.param

@@ -200,6 +200,20 @@ def test_matches_single_device(mesh_shape, compressed):
 
 @pytest.mark.parametrize("compressed", [False, True],
                          ids=["sharded", "compressed_dp"])
+@pytest.mark.parametrize("form", ["mu", "beta"])
+@pytest.mark.parametrize("megabatch_form", ["apart"], indirect=True)
+def test_megabatches_kept_apart_match_single_device(form, compressed,
+                                                    megabatch_form):
+  # The megabatches' weight-sized arrays kept apart (megabatch.kept_apart;
+  # the other tests here step these small matrices joined): each member's
+  # products with its block of B, summed over the mesh, and its rows of the
+  # joined factors.
+  _, params, state = _run_sharded((2, 2, 2), compressed=compressed, form=form)
+  _assert_matches_single_device(params, state, 2, "qr", "cholesky_qr", form)
+
+
+@pytest.mark.parametrize("compressed", [False, True],
+                         ids=["sharded", "compressed_dp"])
 @pytest.mark.parametrize("right_factor,method,form", [
     ("column", "cholesky_qr", "mu"),
     ("qr", "householder", "mu"),

@@ -71,7 +71,7 @@ def _compiled_update(layers, **kwargs):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="counts XLA:CPU's fused kernels")
-def test_unscanned_layers_share_their_kernels():
+def test_unscanned_layers_share_their_kernels(megabatch_form):
   # Five leaves a layer, each with six outputs (update, momentum, Q and
   # three diagnostics). Sliced out of their megabatch at constant offsets,
   # every added leaf brought about six kernels of its own; at run-time
@@ -84,7 +84,7 @@ def test_unscanned_layers_share_their_kernels():
   assert grown < added_leaves, grown
 
 
-def test_one_collective_per_megabatch_not_per_matrix():
+def test_one_collective_per_megabatch_not_per_matrix(megabatch_form):
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
 
   def collectives(layers):
@@ -103,7 +103,7 @@ def test_one_collective_per_megabatch_not_per_matrix():
 
 
 @pytest.mark.parametrize("form", ["mu", "beta"])
-def test_unscanned_update_equals_the_scanned_one(form):
+def test_unscanned_update_equals_the_scanned_one(form, megabatch_form):
   layers = 4
   unscanned, scanned = _shapes(layers, False), _shapes(layers, True)
   stack = lambda tree: {name: jnp.stack([tree[f"layer{i}_{name}"]
@@ -163,6 +163,44 @@ def test_parted_inverts_joined_at_run_time_offsets(predicate):
   assert megabatch.parted(None, [1, 2], offsets[1]) == [None, None]
 
 
+def test_parts_take_each_members_rows_joined_or_apart(megabatch_form):
+  batch = megabatch.Megabatch([0, 1, 2], [2, 1, 3])
+  rng = np.random.default_rng(0)
+  arrays = [rng.standard_normal((n, 5, 4)).astype(np.float32)
+            for n in batch.sizes]
+  factor = rng.standard_normal((6, 4, 2)).astype(np.float32)
+  weights = rng.standard_normal(6).astype(np.float32)
+
+  @jax.jit
+  def use(arrays, factor, weights):
+    offsets, = megabatch.runtime_offsets([batch], weights[0] == weights[0])
+    parts = megabatch.Parts.of(arrays, offsets)
+    products = parts.joined_each(lambda b, f: b @ f, factor)
+    scaled = parts.members(parts.each(
+        lambda b, w: b * w[:, None, None], weights))
+    return len(parts.arrays), products, scaled
+
+  count, products, scaled = use(arrays, factor, weights)
+  assert count == (3 if megabatch_form == "apart" else 1)
+  whole = np.concatenate(arrays)
+  np.testing.assert_allclose(np.asarray(products),
+                             np.einsum("nio,nor->nir", whole, factor),
+                             rtol=1e-5, atol=1e-6)
+  starts = np.cumsum([0, *batch.sizes])
+  for got, lo, hi in zip(scaled, starts[:-1], starts[1:]):
+    np.testing.assert_allclose(np.asarray(got),
+                               whole[lo:hi] * weights[lo:hi, None, None],
+                               rtol=1e-6)
+  assert megabatch.Parts.of(arrays, [0, 2, 3]).members(None) == [None] * 3
+
+
+def test_small_matrices_are_joined_and_large_ones_kept_apart():
+  assert not megabatch.kept_apart((64, 64))
+  assert not megabatch.kept_apart((16, 1023))
+  assert megabatch.kept_apart((128, 128))
+  assert megabatch.kept_apart((64, 256))
+
+
 # Leaves whose matrices share their fan sizes but not the order of their
 # axes: a transposed kernel, (out, in) storage, a Gemma-style (heads, d,
 # head_dim) query with fan-out (heads, head_dim), a head axis kept as a
@@ -181,7 +219,8 @@ MIXED_LAYOUTS = {
 
 
 @pytest.mark.parametrize("first", ["a", "q"])
-def test_each_leaf_steps_as_if_it_were_alone_whatever_its_layout(first):
+def test_each_leaf_steps_as_if_it_were_alone_whatever_its_layout(
+    first, megabatch_form):
   names = [first] + [k for k in MIXED_LAYOUTS if k != first]
   shapes = {k: MIXED_LAYOUTS[k][0] for k in names}
   numbers = {k: MIXED_LAYOUTS[k][1] for k in names}
@@ -206,7 +245,7 @@ def test_each_leaf_steps_as_if_it_were_alone_whatever_its_layout(first):
                                atol=1e-6, err_msg=name)
 
 
-def test_a_sharded_mixed_layout_tree_matches_one_device():
+def test_a_sharded_mixed_layout_tree_matches_one_device(megabatch_form):
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
   shapes = {k: shape for k, (shape, _) in MIXED_LAYOUTS.items()}
   numbers = {k: dims for k, (_, dims) in MIXED_LAYOUTS.items()}

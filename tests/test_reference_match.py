@@ -76,7 +76,8 @@ def test_tall_wide_square_and_rank_one_match_reference(right_factor,
 
 
 # Several leaves of each shape: every shape is a megabatch of several leaves
-# (matrix_step), and each leaf's results are sliced out of its megabatch's.
+# (matrix_step), its weight-sized arrays joined or kept apart, and each
+# leaf's results are sliced out of its megabatch's.
 MEGABATCHED_SHAPES = {
     **{f"tall{i}": (16, 48) for i in range(3)},
     **{f"wide{i}": (48, 16) for i in range(2)},
@@ -87,7 +88,8 @@ MEGABATCHED_SHAPES = {
 
 @pytest.mark.parametrize("right_factor,form", [
     ("qr", "mu"), ("qr", "beta"), ("polar", "beta"), ("column", "mu")])
-def test_leaves_stepped_as_megabatches_match_reference(right_factor, form):
+def test_leaves_stepped_as_megabatches_match_reference(right_factor, form,
+                                                      megabatch_form):
   _check_alias(MEGABATCHED_SHAPES, right_factor=right_factor,
                orthogonalize=METHODS[0], rank_fraction=0.25, form=form)
 
