@@ -22,9 +22,9 @@ def megabatch_form(request, monkeypatch):
   """Runs a test with each megabatch's weight-sized arrays joined and with
   them kept apart.
 
-  ``megabatch.kept_apart`` chooses by matrix size, and the tests' matrices
-  are all small enough to be joined; the size bound is moved so that both
-  forms are stepped.
+  ``megabatch.kept_apart`` chooses by matrix size, and most of the tests'
+  matrices are small enough to be joined; the size bound is moved so that
+  both forms are stepped.
   """
   from orth_dion_jax import megabatch
   monkeypatch.setattr(megabatch, "JOIN_BELOW",
