@@ -55,7 +55,7 @@ from orth_dion_jax import orthogonalize
 from orth_dion_jax import settings
 from orth_dion_jax import validation
 from orth_dion_jax.lapack_calls import per_matrix
-from orth_dion_jax.scaling import unit_scaled
+from orth_dion_jax.scaling import abs_max, unit_scaled
 from orth_dion_jax.settings import RankPolicy
 from orth_dion_jax.transform import LowRankState, OrthDionState
 
@@ -135,7 +135,7 @@ def _resized(q: Array, energy: Array, key: Array, *, rank: int
     # Only the eigenvectors matter: scaled exactly by a power of two to
     # largest entry about 1, a finite Gram near the top of the range cannot
     # overflow inside eigh (nor a reciprocal flush to zero).
-    largest = jnp.max(jnp.abs(gs), axis=(-2, -1), keepdims=True)
+    largest = abs_max(gs, axis=(-2, -1), keepdims=True)
     values, vectors = per_matrix(jnp.linalg.eigh, unit_scaled(gs, largest))
     top = vectors[..., ::-1][..., :rank]
     new_q = jnp.einsum("nkr,nrs->nks", qs, top)

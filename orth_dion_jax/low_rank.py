@@ -44,7 +44,7 @@ from orth_dion_jax import polar_factor
 from orth_dion_jax.collectives import Collectives, SINGLE_DEVICE
 from orth_dion_jax.lapack_calls import per_matrix
 from orth_dion_jax.megabatch import Parts
-from orth_dion_jax.scaling import scaled_by, unit_scale, unit_scaled
+from orth_dion_jax.scaling import abs_max, scaled_by, unit_scale, unit_scaled
 
 Array = jax.Array
 RightFactor = Literal["qr", "polar", "column"]
@@ -214,7 +214,7 @@ def _all_zero(y: Array, collectives: Collectives) -> Array:
   B has no component in span(Q); then P would be arbitrary.
   """
   return collectives.big.max(
-      jnp.max(jnp.abs(y), axis=(-2, -1), keepdims=True)) == 0
+      abs_max(y, axis=(-2, -1), keepdims=True)) == 0
 
 
 def error_feedback(
@@ -247,13 +247,13 @@ def largest_magnitude(b: Parts, collectives: Collectives = SINGLE_DEVICE
                       ) -> Array:
   """max |B| per matrix, (n,) float32, agreed by every block and replica.
 
-  NaN exactly when some entry of some replica's ``B`` is NaN, Inf when one
-  is infinite: it is both the non-finite guard's test of ``B`` and the
-  captured fraction's scale, from one reduction per member and one
+  +Inf exactly when some entry of some replica's ``B`` is NaN or infinite
+  (``scaling.abs_max``): it is both the non-finite guard's test of ``B`` and
+  the captured fraction's scale, from one reduction per member and one
   collective per megabatch.
   """
   return collectives.everything.max(b.joined_each(
-      lambda member: jnp.max(jnp.abs(member), axis=(-2, -1)).astype(
+      lambda member: abs_max(member, axis=(-2, -1)).astype(
           jnp.float32)))
 
 
@@ -265,7 +265,7 @@ def all_finite(factor: Array, collectives: Collectives = SINGLE_DEVICE
   into every row of ``R``, so a non-finite ``P`` shows in ``R``.
   """
   return jnp.isfinite(collectives.everything.max(
-      jnp.max(jnp.abs(factor), axis=(-2, -1))))
+      abs_max(factor, axis=(-2, -1))))
 
 
 def captured_fraction(b: Parts, factors: LowRankFactors, b_max: Array,
@@ -321,7 +321,7 @@ def spectrum(factors: LowRankFactors, collectives: Collectives = SINGLE_DEVICE,
   """
   rows = collectives.small
   r = factors.projected
-  largest = rows.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
+  largest = rows.max(abs_max(r, axis=(-2, -1)))
   # Every term is homogeneous in R: scaling it by its largest magnitude keeps
   # the Grams finite and changes nothing else.
   r = unit_scaled(r, largest[:, None, None])

@@ -31,7 +31,7 @@ from orth_dion_jax import low_rank
 from orth_dion_jax import matrix_view
 from orth_dion_jax import megabatch
 from orth_dion_jax import scaling
-from orth_dion_jax.scaling import unit_scaled
+from orth_dion_jax.scaling import abs_max, unit_scaled
 from orth_dion_jax.collectives import Collectives
 from orth_dion_jax.settings import LowRankCompressor
 
@@ -85,7 +85,7 @@ def _finite_right_factor(q: Array, collectives: Collectives
   """
   c = collectives
   # An all-zero Q is as unusable (B Q = 0: the matrix would never step again).
-  largest = c.everything.max(jnp.max(jnp.abs(q), axis=(-2, -1)))
+  largest = c.everything.max(abs_max(q, axis=(-2, -1)))
   finite = jnp.isfinite(largest) & (largest > 0)
   small, rank = q.shape[-2:]
   eye = c.small.local(jnp.eye(small * c.small.size(), rank, dtype=q.dtype),
@@ -107,11 +107,11 @@ def _momentum_fits(b_max: Array, factors: low_rank.LowRankFactors,
   """
   a, c = (jnp.reshape(d, (-1,)) for d in decays)
   r = factors.projected
-  r_max = collectives.everything.max(jnp.max(jnp.abs(r), axis=(-2, -1)))
+  r_max = collectives.everything.max(abs_max(r, axis=(-2, -1)))
   if jnp.finfo(dtype).max < jnp.finfo(jnp.float32).max:
     # Rows of R / 2^e, whose largest entry is f = mantissa(r_max): the
     # largest row norm is r_max sqrt(rows) / f.
-    row_norms = collectives.everything.max(jnp.max(jnp.sum(jnp.square(
+    row_norms = collectives.everything.max(abs_max(jnp.sum(jnp.square(
         unit_scaled(r, r_max[:, None, None])), axis=-1), axis=-1))
     row_norm = r_max / scaling.mantissa(r_max) * jnp.sqrt(row_norms)
   else:
@@ -159,10 +159,10 @@ def _prepare(views: Sequence[matrix_view.MatrixView], grads: Sequence[Array],
   gs = [v.to_layout(g) for v, g in zip(views, grads)]
   sizes = [g.shape[0] for g in gs]
   # A non-finite gradient (or schedule value) is dropped before it touches the
-  # momentum: B = M, and _finish keeps that M. max|g| is NaN or Inf exactly
-  # when some entry is: one reduction per leaf, no mask. Every block and
+  # momentum: B = M, and _finish keeps that M. abs_max(g) is Inf exactly
+  # when some entry is NaN or Inf: one reduction per leaf. Every block and
   # replica must agree on the flags: one collective for the megabatch.
-  bad = megabatch.joined([~jnp.isfinite(jnp.max(jnp.abs(g), axis=(-2, -1)))
+  bad = megabatch.joined([~jnp.isfinite(abs_max(g, axis=(-2, -1)))
                           for g in gs])
   finite = ((collectives.everything.max(bad.astype(jnp.int32)) == 0)
             & schedules_finite)

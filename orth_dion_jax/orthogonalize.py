@@ -50,7 +50,7 @@ import numpy as np
 from orth_dion_jax import validation
 from orth_dion_jax.collectives import AxisGroup, NO_AXES
 from orth_dion_jax.lapack_calls import per_matrix
-from orth_dion_jax.scaling import unit_scaled
+from orth_dion_jax.scaling import abs_max, unit_scaled
 
 Array = jax.Array
 Method = Literal["householder", "cholesky_qr", "randomized_cholesky_qr"]
@@ -118,7 +118,7 @@ def column_prescale(a: Array, rows: AxisGroup = NO_AXES) -> Array:
   only rescales ``T``), and it keeps the Gram matrix finite for gradients at
   1e30 scale and away from underflow at 1e-30.
   """
-  col_max = rows.max(jnp.max(jnp.abs(a), axis=-2, keepdims=True))
+  col_max = rows.max(abs_max(a, axis=-2, keepdims=True))
   return unit_scaled(a, col_max)
 
 
@@ -166,7 +166,7 @@ def _trustworthy(qs: Sequence[Array], gram: Array, rows: AxisGroup) -> Array:
   the branch it selects may contain collectives.
   """
   r = gram.shape[-1]
-  deviation = jnp.max(jnp.abs(gram - jnp.eye(r, dtype=gram.dtype)))
+  deviation = abs_max(gram - jnp.eye(r, dtype=gram.dtype), axis=None)
   ok = jnp.isfinite(deviation) & (deviation < _MAX_GRAM_DEVIATION)
   q_bad = functools.reduce(jnp.logical_or,
                            [jnp.any(~jnp.isfinite(q)) for q in qs])
@@ -311,7 +311,7 @@ def normalize_columns(
   back, so that it neither overflows at 1e30 nor underflows at 1e-30.
   """
   a = a.astype(jnp.float32)
-  col_max = rows.max(jnp.max(jnp.abs(a), axis=-2, keepdims=True))
+  col_max = rows.max(abs_max(a, axis=-2, keepdims=True))
   # a / (||a|| + eps) = a' / (||a'|| + eps') for a' = a / 2^e, eps' = eps / 2^e:
   # every term stays a normal float32 at either end of the range.
   scaled = unit_scaled(a, col_max)

@@ -47,7 +47,7 @@ from orth_dion_jax import orthogonalize
 from orth_dion_jax import validation
 from orth_dion_jax.collectives import AxisGroup, NO_AXES
 from orth_dion_jax.lapack_calls import per_matrix
-from orth_dion_jax.scaling import unit_scaled
+from orth_dion_jax.scaling import abs_max, unit_scaled
 
 Array = jax.Array
 
@@ -81,7 +81,7 @@ def polar_many(arrays: Sequence[Array], method: orthogonalize.Method, *,
   # would change the polar factor; one scalar per matrix does not.)
   ts = []
   for a, q in zip(arrays, qs):
-    largest = rows.max(jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True))
+    largest = rows.max(abs_max(a, axis=(-2, -1), keepdims=True))
     ts.append(jnp.einsum("nkr,nks->nrs", q, unit_scaled(a, largest)))
   sizes = np.cumsum([t.shape[0] for t in ts])[:-1]
   ws = jnp.split(small_polar(rows.sum(jnp.concatenate(ts, axis=0))), sizes)

@@ -215,6 +215,69 @@ def test_non_finite_gradient_skips_only_that_matrix(bad):
   assert orth_dion_jax.diagnostics_summary(new_state)["nonfinite_skips"] == 1
 
 
+# Large enough that XLA:CPU reduces each matrix with its vectorized max,
+# which drops a NaN (4096 entries or more; scaling.abs_max), and stepped as
+# one megabatch of three leaves.
+LARGE = {name: (128, 160) for name in ("a", "b", "c")}
+
+
+@pytest.mark.parametrize("size", [1000, 4096, 20000])
+def test_abs_max_is_inf_wherever_an_entry_is_not_finite(size):
+  from orth_dion_jax.scaling import abs_max
+  rng = np.random.default_rng(15)
+  x = rng.standard_normal((3, size)).astype(np.float32)
+  x[0, 0], x[1, size - 1], x[2, size // 2] = np.nan, np.nan, -np.inf
+  largest = jax.jit(lambda a: abs_max(a, axis=-1))
+  np.testing.assert_array_equal(np.asarray(largest(x)), [np.inf] * 3)
+  finite = rng.standard_normal((3, size)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(largest(finite)),
+                                np.max(np.abs(finite), axis=-1))
+
+
+def test_non_finite_entries_of_large_matrices_skip_only_their_leaf(
+    megabatch_form):
+  rng = np.random.default_rng(14)
+  params = kernel_tree(rng, LARGE)
+  g1, g2 = gradient_steps(rng, LARGE, 2)
+  tx = orth_dion_jax.scale_by_orth_dion(rank=8)
+  update = jax.jit(tx.update)
+  _, state = update(g1, tx.init(params), params)
+  clean, _ = update(g2, state, params)
+  zeros = jnp.zeros_like(clean["b"])
+  # The first, an inner and the last entry: where a NaN was dropped, or
+  # turned the maximum into -Inf.
+  for position in [(0, 0), (64, 77), (127, 159)]:
+    for bad in [np.nan, np.inf]:
+      where = f"{bad} at {position}"
+      poisoned = {**g2, "b": g2["b"].at[position].set(bad)}
+      updates, after = update(poisoned, state, params)
+      chex.assert_tree_all_finite((updates, after))
+      chex.assert_trees_all_equal(updates["b"], zeros, custom_message=where)
+      chex.assert_trees_all_equal(after.momentum["b"], state.momentum["b"],
+                                  custom_message=where)
+      chex.assert_trees_all_equal(after.right_factor["b"],
+                                  state.right_factor["b"],
+                                  custom_message=where)
+      np.testing.assert_array_equal(
+          [int(after.nonfinite_count[k]) for k in "abc"], [0, 1, 0],
+          err_msg=where)
+      for k in "ac":
+        np.testing.assert_allclose(updates[k], clean[k], rtol=1e-5,
+                                   atol=1e-7, err_msg=where)
+      # A corrupt momentum: B itself is not finite, so it is reset.
+      corrupt = state._replace(momentum={
+          **state.momentum, "b": state.momentum["b"].at[position].set(bad)})
+      updates, after = update(g2, corrupt, params)
+      chex.assert_tree_all_finite((updates, after))
+      chex.assert_trees_all_equal(updates["b"], zeros, custom_message=where)
+      chex.assert_trees_all_equal(after.momentum["b"], zeros,
+                                  custom_message=where)
+      assert int(after.nonfinite_count["b"]) == 1, where
+      for k in "ac":
+        np.testing.assert_allclose(updates[k], clean[k], rtol=1e-5,
+                                   atol=1e-7, err_msg=where)
+
+
 def test_non_finite_gradient_skips_only_its_batch_slice():
   dims = {"w": orth_dion_jax.DionDimensionNumbers(1, 2)}
   shapes = {"w": (3, 8, 12)}
