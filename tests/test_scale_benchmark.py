@@ -20,7 +20,7 @@ from benchmarks import workload
 RECORD_KEYS = {
     "optimizer", "layout", "layers", "d", "rank_fraction", "dtype", "leaves",
     "matrices", "matrix_counts", "trace_s", "compile_s", "step_s", "steps_s",
-    "spread", "x_muon_compile", "x_scanned_step"}
+    "spread", "temp_bytes", "x_muon_compile", "x_scanned_step"}
 
 
 @pytest.mark.parametrize("layers", [1, 3, 48])
@@ -92,6 +92,9 @@ def test_quick_run_reports_every_candidate_with_measured_times(tmp_path,
   for record in records:
     assert 0 < record["trace_s"] < record["compile_s"]
     assert record["step_s"] > 0 and all(t > 0 for t in record["steps_s"])
+    # XLA reports the temporaries of every compiled update here (CPU);
+    # AdamW's elementwise update may need none.
+    assert isinstance(record["temp_bytes"], int) and record["temp_bytes"] >= 0
     assert record["matrices"] == 6 * record["layers"]
     assert sum(record["matrix_counts"].values()) == record["matrices"]
     assert record["leaves"] == (6 * record["layers"] if record["layout"]
