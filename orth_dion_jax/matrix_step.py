@@ -252,16 +252,15 @@ def _finish(
   if decays is None:
     new_m = None
   else:
+    # The feedback does not read the new Q: None, so that it is not sliced.
     new_m = b.each(
-        lambda member, left, projected, moved, keep, residual_decay,
-        captured_decay: jnp.where(
+        lambda member, fs, keep, residual_decay, captured_decay: jnp.where(
             keep[:, None, None], low_rank.error_feedback(
-                member, low_rank.LowRankFactors(left, projected, None, moved),
-                small_axis=view.small_axis,
+                member, fs, small_axis=view.small_axis,
                 residual_decay=residual_decay[:, None, None],
                 captured_decay=captured_decay[:, None, None]),
             0.0).astype(momentum_dtype),
-        factors.left, factors.projected, factors.moved, healthy, *decays)
+        factors._replace(right=None), healthy, *decays)
   taken = lambda value: jnp.where(step[:, 0, 0], value, 0.0)
   captured = taken(low_rank.captured_fraction(b, factors, b_max, collectives))
   spectrum = low_rank.spectrum(factors, collectives,
